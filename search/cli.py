@@ -1,0 +1,310 @@
+"""The ``genre-search`` command line: a thin layer over :mod:`search`'s functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import click
+
+from search import settings
+from search.config import ConfigError, Overrides, StudyConfig, apply_overrides, load_studies
+
+_logger = logging.getLogger("search.cli")
+
+EXIT_INPUT_ERROR = 2
+EXIT_RUNTIME_ERROR = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the current trial is closed and the process exits."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+# --------------------------------------------------------------------------------------
+# Shared plumbing
+# --------------------------------------------------------------------------------------
+
+
+class _TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes log records through tqdm so they do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(verbosity: int) -> None:
+    """Send genre-search's log records to stderr; ``verbosity`` is -1 quiet, 0, 1 debug."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    for name in ("search", "features", "models"):
+        package_logger = logging.getLogger(name)
+        package_logger.handlers[:] = [handler]
+        package_logger.setLevel(level)
+        package_logger.propagate = False
+    import optuna
+
+    # Our own per-trial lines replace Optuna's, which repeat every parameter.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def fail(message: str, *, code: int) -> NoReturn:
+    """Print ``message`` as an error on stderr and exit with ``code``."""
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _config_path(path: str | None) -> Path:
+    return Path(path or settings.CONFIG.get() or "studies.yaml")
+
+
+def resolve_study(config_path: str | None, name: str, overrides: Overrides) -> StudyConfig:
+    """Load ``studies.yaml``, pick study ``name`` and apply CLI flags and environment variables.
+
+    Exits with status 2 and every problem listed when the configuration is invalid.
+    """
+    path = _config_path(config_path)
+    try:
+        studies = load_studies(path)
+        study = studies.get(name)
+        return apply_overrides(study, overrides, base_dir=path.resolve().parent)
+    except ConfigError as error:
+        fail(str(error), code=EXIT_INPUT_ERROR)
+
+
+@contextmanager
+def interrupt_handling() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into :class:`Interrupted`; a second one exits at once."""
+    received: list[int] = []
+
+    def handle(signal_number: int, frame: FrameType | None) -> None:
+        if received:
+            os._exit(128 + signal_number)
+        received.append(signal_number)
+        _logger.warning("received %s: stopping after closing the current trial "
+                        "(send it again to exit at once)", signal.Signals(signal_number).name)
+        raise Interrupted(signal_number)
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def run_guarded(action: Callable[[], Any]) -> Any:
+    """Run a command's work, mapping our errors to exit statuses and clear messages."""
+    from features import DatasetError
+    from search.study import StorageError
+    from search.tracking import TrackingError
+
+    try:
+        with interrupt_handling():
+            return action()
+    except Interrupted as interrupt:
+        click.echo(f"Interrupted by {signal.Signals(interrupt.signal_number).name}.", err=True)
+        sys.exit(128 + interrupt.signal_number)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(128 + signal.SIGINT)
+    except (ConfigError, DatasetError) as error:
+        fail(str(error), code=EXIT_INPUT_ERROR)
+    except (StorageError, TrackingError) as error:
+        fail(str(error), code=EXIT_RUNTIME_ERROR)
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+_config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="Path of studies.yaml [env GENRE_SEARCH_CONFIG; default ./studies.yaml].",
+)
+_verbosity_options = [
+    click.option("-v", "--verbose", count=True, help="Log every epoch (DEBUG)."),
+    click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only."),
+]
+
+
+def _with_verbosity(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_verbosity_options):
+        function = option(function)
+    return function
+
+
+def _study_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--n-trials", type=click.IntRange(min=1), default=None,
+                     help="Run this many more trials in total across workers "
+                          "[default: until the study's n_trials have finished]."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Stop starting new trials after this many seconds."),
+        click.option("--device", default=None,
+                     help="auto, cpu, cuda, cuda:N or mps [env GENRE_SEARCH_DEVICE; "
+                          "default auto: a GPU when there is one]."),
+        click.option("--data", type=click.Path(path_type=Path), default=None,
+                     help="Folder of audio in genre sub-folders [env GENRE_SEARCH_DATA]."),
+        click.option("--storage", default=None,
+                     help="Optuna storage URL [env GENRE_SEARCH_STORAGE]."),
+        click.option("--tracking-uri", default=None,
+                     help="MLflow tracking URI [env GENRE_SEARCH_TRACKING_URI]."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Feature cache folder [env GENRE_SEARCH_CACHE_DIR]."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bars for features and epochs [default: on a terminal]."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="genre-search")
+def main() -> None:
+    """Hyperparameter search for music-genre classifiers.
+
+    Studies are declared in studies.yaml; each trial trains a PyTorch model on log-mel
+    features and is tracked as a nested MLflow run.
+    """
+
+
+@main.command()
+@click.argument("study")
+@_config_option
+@_study_options
+@_with_verbosity
+def launch(study: str, config_path: str | None, n_trials: int | None, timeout: float | None,
+           device: str | None, data: Path | None, storage: str | None,
+           tracking_uri: str | None, cache_dir: Path | None, progress: bool | None,
+           verbose: int, quiet: bool) -> None:
+    """Create STUDY (or resume it) and run its trials in this process."""
+    configure_logging(-1 if quiet else verbose)
+    _check_data_flag(data)
+    overrides = Overrides(n_trials=n_trials, timeout=timeout, device=device, data=data,
+                          storage=storage, tracking_uri=tracking_uri, cache_dir=cache_dir)
+    config = resolve_study(config_path, study, overrides)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    _run_study(config, more_trials=n_trials, progress=show_progress, set_target=True)
+
+
+@main.command()
+@click.argument("study")
+@_config_option
+@_study_options
+@_with_verbosity
+def worker(study: str, config_path: str | None, n_trials: int | None, timeout: float | None,
+           device: str | None, data: Path | None, storage: str | None,
+           tracking_uri: str | None, cache_dir: Path | None, progress: bool | None,
+           verbose: int, quiet: bool) -> None:
+    """Attach one more worker to a running STUDY; its trials join the same parent run."""
+    configure_logging(-1 if quiet else verbose)
+    _check_data_flag(data)
+    overrides = Overrides(n_trials=n_trials, timeout=timeout, device=device, data=data,
+                          storage=storage, tracking_uri=tracking_uri, cache_dir=cache_dir)
+    config = resolve_study(config_path, study, overrides)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    _run_study(config, more_trials=n_trials, progress=show_progress, set_target=False)
+
+
+def _check_data_flag(data: Path | None) -> None:
+    if data is not None and not data.exists():
+        fail(f"--data {str(data)!r}: folder not found. Pass a folder of audio in genre "
+             f"sub-folders, e.g. data/gtzan/blues/blues.00000.wav.", code=EXIT_INPUT_ERROR)
+
+
+def _run_study(config: StudyConfig, *, more_trials: int | None, progress: bool,
+               set_target: bool) -> None:
+    from search.runner import run_worker
+
+    def work() -> Any:
+        if set_target and more_trials is None and config.n_trials is not None:
+            already = _finished_trials(config)
+            if already is not None and already >= config.n_trials:
+                click.echo(f"Study {config.name!r} already has {already} finished trials "
+                           f"(n_trials={config.n_trials}). Pass --n-trials N to run more.")
+                return None
+        return run_worker(config, more_trials=more_trials, progress=progress,
+                          set_study_target=set_target)
+
+    result = run_guarded(work)
+    if result is None:
+        return
+    best = (f"best trial {result.best_trial_number}: {config.metric}={result.best_value:.4f}"
+            if result.best_trial_number is not None else "no completed trial")
+    click.echo(f"Study {config.name!r}: ran {result.n_trials_run} trials in "
+               f"{result.seconds:.0f} s; {result.n_finished_in_study} finished in total; {best}.")
+    click.echo(f"Inspect: genre-search status {config.name}")
+    click.echo(f"Compare: mlflow ui --backend-store-uri {_display_uri(config.tracking_uri)}")
+
+
+def _finished_trials(config: StudyConfig) -> int | None:
+    import optuna
+
+    from search.runner import count_finished
+    from search.study import create_storage, study_exists
+
+    storage = create_storage(config.storage, heartbeat=False)
+    if not study_exists(config.name, storage):
+        return None
+    return count_finished(optuna.load_study(study_name=config.name, storage=storage))
+
+
+def _display_uri(uri: str) -> str:
+    from search.config import redact_url
+
+    return redact_url(uri)
+
+
+@main.command()
+@click.argument("study")
+@_config_option
+@click.option("--storage", default=None, help="Optuna storage URL [env GENRE_SEARCH_STORAGE].")
+def status(study: str, config_path: str | None, storage: str | None) -> None:
+    """Print a table of STUDY's trials and its best trial."""
+    from search.reports import format_status
+
+    configure_logging(-1)
+    config = resolve_study(config_path, study, Overrides(storage=storage))
+    click.echo(run_guarded(lambda: format_status(config)))
+
+
+@main.command()
+@_config_option
+@click.option("--storage", default=None, help="Optuna storage URL [env GENRE_SEARCH_STORAGE].")
+def studies(config_path: str | None, storage: str | None) -> None:
+    """List the studies of studies.yaml and whether each exists in its storage."""
+    from search.reports import format_studies
+
+    configure_logging(-1)
+    path = _config_path(config_path)
+    try:
+        loaded = load_studies(path)
+    except ConfigError as error:
+        fail(str(error), code=EXIT_INPUT_ERROR)
+    configs = [apply_overrides(config, Overrides(storage=storage), base_dir=path.resolve().parent)
+               for config in loaded.studies.values()]
+    click.echo(run_guarded(lambda: format_studies(configs)))
+
+
+if __name__ == "__main__":
+    main()

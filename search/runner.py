@@ -1,0 +1,258 @@
+"""One worker's loop: open the study, prepare the data once, run trials until the target."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from search.config import StudyConfig, redact_url
+from search.data import prepare_dataset
+from search.objective import Objective, SurplusTrialError, TrialFailedError, TrialOutcome
+from search.study import create_storage, open_study
+from search.tracking import RUN_ID_ATTR, StudyTracker, close_orphaned_run
+from search.training import EpochResult, resolve_device
+
+_logger = logging.getLogger(__name__)
+
+TARGET_ATTR = "target_n_trials"
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+POLL_SECONDS = 2.0
+"""How often a worker with nothing to run checks the study again."""
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one worker did."""
+
+    n_trials_run: int
+    n_finished_in_study: int
+    best_value: float | None
+    best_trial_number: int | None
+    seconds: float
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Return the number of completed or pruned trials of ``study``."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def set_target(study: optuna.Study, config: StudyConfig, *, more_trials: int | None) -> int | None:
+    """Store the study's target number of finished trials and return it.
+
+    ``more_trials`` (the ``--n-trials`` flag) asks for that many trials on top of those
+    already finished; otherwise the target is the config's ``n_trials`` in total. The target
+    lives in the study's user attributes so that workers attached later share it.
+    """
+    if more_trials is not None:
+        target: int | None = count_finished(study) + more_trials
+    else:
+        target = config.n_trials
+    study.set_user_attr(TARGET_ATTR, target)
+    return target
+
+
+def read_target(study: optuna.Study, config: StudyConfig) -> int | None:
+    """Return the target stored on the study, or the config's ``n_trials``."""
+    stored = study.user_attrs.get(TARGET_ATTR)
+    return int(stored) if stored is not None else config.n_trials
+
+
+def run_worker(
+    config: StudyConfig,
+    *,
+    more_trials: int | None = None,
+    progress: bool = False,
+    on_complete: Callable[[TrialOutcome], None] | None = None,
+    set_study_target: bool = True,
+) -> WorkerResult:
+    """Run trials of ``config``'s study in this process until the study's target is met.
+
+    Args:
+        config: The study's resolved configuration (storage, tracking, device, data).
+        more_trials: Run until this many more trials have finished in the study, counted
+            across all workers; ``None`` uses the study's stored target or ``n_trials``.
+        progress: Show progress bars for feature extraction and epochs.
+        on_complete: Called with every completed trial (model registration).
+        set_study_target: Store the target on the study (``launch``); attached workers
+            only read it.
+
+    Raises:
+        search.study.StorageError: The Optuna storage is unreachable.
+        search.tracking.TrackingError: The MLflow tracking store is unreachable.
+        features.DatasetError: The dataset is unusable.
+    """
+    started = time.monotonic()
+    device = resolve_device(config.device)
+    if config.training.num_threads is not None:
+        torch.set_num_threads(config.training.num_threads)
+
+    tracker_holder: list[StudyTracker] = []
+    storage = create_storage(
+        config.storage,
+        on_failed_trial=lambda study, trial: _close_stale_run(tracker_holder, trial),
+    )
+    study = open_study(config, storage=storage)
+    tracker = StudyTracker(config, study)
+    tracker_holder.append(tracker)
+    tracker.check_connection()
+    if set_study_target:
+        target = set_target(study, config, more_trials=more_trials)
+    else:
+        target = count_finished(study) + more_trials if more_trials is not None else None
+
+    dataset = prepare_dataset(config, device=device, progress=progress)
+    parent_run_id = tracker.mark_parent_running()
+    _logger.info("study %r: storage %s, tracking %s, parent run %s, device %s",
+                 config.name, redact_url(config.storage), redact_url(config.tracking_uri),
+                 parent_run_id, device)
+
+    def current_target() -> int | None:
+        if target is not None and not set_study_target and more_trials is not None:
+            return target
+        return read_target(study, config)
+
+    bar = _EpochBar(config.training.epochs, enabled=progress)
+    objective = Objective(config, dataset, tracker, device, target_trials=current_target,
+                          on_complete=on_complete, on_epoch=bar.update)
+    n_run = 0
+    status = "FINISHED"
+    try:
+        n_run = _optimize_until_target(study, objective, config, current_target, started, bar)
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        bar.close()
+        tracker.finish_study(status=status)
+
+    best_value, best_number = _best(study)
+    return WorkerResult(n_trials_run=n_run, n_finished_in_study=count_finished(study),
+                        best_value=best_value, best_trial_number=best_number,
+                        seconds=time.monotonic() - started)
+
+
+def _optimize_until_target(
+    study: optuna.Study,
+    objective: Objective,
+    config: StudyConfig,
+    current_target: Callable[[], int | None],
+    started: float,
+    bar: _EpochBar,
+) -> int:
+    n_run = 0
+    while True:
+        target = current_target()
+        if target is not None and not _needs_more_trials(study, target):
+            break
+        if config.timeout is not None and time.monotonic() - started >= config.timeout:
+            _logger.info("study %r: timeout of %.0f s reached", config.name, config.timeout)
+            break
+        bar.start_trial(len(study.trials))
+        study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
+                       callbacks=[_log_trial], gc_after_trial=False)
+        if objective.surplus:
+            # Other workers claimed the remaining trials first; wait for them (or for their
+            # trials to go stale and be re-queued) in the next iteration.
+            objective.surplus = False
+            time.sleep(POLL_SECONDS)
+            continue
+        n_run += 1
+    return n_run
+
+
+def _needs_more_trials(study: optuna.Study, target: int) -> bool:
+    """Return whether this worker should start another trial, waiting while others finish.
+
+    A trial counts as claimed while it runs. When the running trials of other workers would
+    reach the target, this worker waits instead of exiting, because one of those workers
+    may have died: its trial then goes stale, is marked failed and re-queued (WAITING), and
+    this worker runs it.
+    """
+    while True:
+        if count_finished(study) >= target:
+            return False
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            return True
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if count_finished(study) + len(running) < target:
+            return True
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(POLL_SECONDS)
+
+
+def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    best_value, best_number = _best(study)
+    best = f"best is trial {best_number} with {best_value:.4f}" if best_number is not None \
+        else "no completed trial yet"
+    duration = trial.duration.total_seconds() if trial.duration else 0.0
+    run_id = trial.user_attrs.get(RUN_ID_ATTR, "-")
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        _logger.info("trial %d finished: value=%.4f, %s, %.1f s, run %s; %s", trial.number,
+                     trial.value, _short_params(trial.params), duration, run_id, best)
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+        _logger.info("trial %d pruned at epoch %s, %.1f s, run %s; %s", trial.number,
+                     trial.last_step, duration, run_id, best)
+    elif trial.state == optuna.trial.TrialState.FAIL and RUN_ID_ATTR in trial.user_attrs:
+        _logger.warning("trial %d failed: %s (run %s)", trial.number,
+                        trial.system_attrs.get("fail_reason", "unknown error").splitlines()[0],
+                        run_id)
+
+
+def _short_params(params: dict[str, object]) -> str:
+    parts = []
+    for name, value in params.items():
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{name}={shown}")
+    return ", ".join(parts)
+
+
+def _best(study: optuna.Study) -> tuple[float | None, int | None]:
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None, None
+    return best.value, best.number
+
+
+def _close_stale_run(holder: list[StudyTracker], trial: optuna.trial.FrozenTrial) -> None:
+    if not holder:
+        return
+    if close_orphaned_run(holder[0].client, trial, reason="worker stopped sending heartbeats; "
+                                                          "trial re-queued"):
+        _logger.warning("closed MLflow run %s of stale trial %d as FAILED",
+                        trial.user_attrs.get(RUN_ID_ATTR), trial.number)
+
+
+class _EpochBar:
+    """A progress bar over the epochs of the current trial."""
+
+    def __init__(self, epochs: int, *, enabled: bool) -> None:
+        self.epochs = epochs
+        self.enabled = enabled
+        self._bar: tqdm | None = None  # type: ignore[type-arg]
+
+    def start_trial(self, number: int) -> None:
+        self.close()
+        if self.enabled:
+            self._bar = tqdm(total=self.epochs, desc=f"trial {number}", unit="epoch",
+                             leave=False, dynamic_ncols=True)
+
+    def update(self, trial_number: int, result: EpochResult) -> None:
+        _logger.debug("trial %d epoch %d: train_loss=%.4f val_loss=%.4f val_accuracy=%.3f "
+                      "(%.2f s)", trial_number, result.epoch, result.train_loss, result.val_loss,
+                      result.val_accuracy, result.seconds)
+        if self._bar is not None:
+            self._bar.set_postfix(val_loss=f"{result.val_loss:.3f}",
+                                  acc=f"{result.val_accuracy:.2f}")
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,326 @@
+"""The MLflow bridge: one parent run per study, one nested child run per trial.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` with run ids passed around,
+never through MLflow's fluent active-run stack, so several workers and threads can log at
+once without sharing global state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import optuna
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from search.config import StudyConfig, redact_url
+from search.study import CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR
+
+_logger = logging.getLogger(__name__)
+
+RUN_ID_ATTR = "mlflow_run_id"
+STUDY_TAG = "genre_search.study"
+ROLE_TAG = "genre_search.role"
+TRIAL_TAG = "genre_search.trial_number"
+MAX_TAG_LENGTH = 5000
+RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+_T = TypeVar("_T")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server or store could not be used."""
+
+
+def call_with_retry(action: Callable[[], _T], *, what: str) -> _T:
+    """Run an MLflow call, retrying with exponential backoff on failure.
+
+    MLflow's HTTP client already retries requests; this covers the store errors it gives up
+    on, such as a server that restarts for longer than its own retries last.
+    """
+    for attempt, delay in enumerate((*RETRY_DELAYS_SECONDS, None), start=1):
+        try:
+            return action()
+        except (MlflowException, OSError) as error:
+            if delay is None or _is_permanent(error):
+                raise
+            _logger.warning("MLflow call failed (%s, attempt %d): %s; retrying in %.0f s",
+                            what, attempt, _first_line(error), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _is_permanent(error: BaseException) -> bool:
+    code = getattr(error, "error_code", "")
+    return code in {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
+
+
+class StudyTracker:
+    """Creates and finds the MLflow runs of one study.
+
+    Args:
+        config: The study's resolved configuration.
+        study: The Optuna study; the parent run id is stored in its user attributes so
+            that every worker attaches its trials to the same parent.
+    """
+
+    def __init__(self, config: StudyConfig, study: optuna.Study) -> None:
+        self.config = config
+        self.study = study
+        self.client = MlflowClient(tracking_uri=config.tracking_uri)
+        self._experiment_id: str | None = None
+
+    def check_connection(self) -> None:
+        """Raise :class:`TrackingError` naming the URI when the tracking store is unreachable."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as error:  # The REST and SQL stores raise unrelated types.
+            raise TrackingError(
+                f"cannot reach the MLflow tracking store at {redact_url(self.config.tracking_uri)}: "
+                f"{_first_line(error)}. Start the server (e.g. `mlflow server --host 127.0.0.1 "
+                f"--port 5000`), check the URI, or set `tracking_uri:` / "
+                f"GENRE_SEARCH_TRACKING_URI."
+            ) from None
+
+    @property
+    def experiment_id(self) -> str:
+        """The id of the study's MLflow experiment, created on first use."""
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        name = self.config.experiment_name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"MLflow experiment {name!r} is deleted. Restore it with "
+                    f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` "
+                    f"or set another `experiment_name:`."
+                )
+            return str(experiment.experiment_id)
+        try:
+            return str(self.client.create_experiment(name, tags={STUDY_TAG: self.config.name}))
+        except MlflowException:
+            # Another worker created it between the lookup and the create.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def parent_run_id(self) -> str:
+        """Return the study's parent run id, creating the run if the study has none yet."""
+        stored = self.study.user_attrs.get(PARENT_RUN_ATTR)
+        if stored and self._run_exists(stored):
+            return str(stored)
+        if stored:
+            _logger.warning("parent run %s of study %r is missing from %s; creating a new one",
+                            stored, self.config.name, redact_url(self.config.tracking_uri))
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.config.name,
+            tags={STUDY_TAG: self.config.name, ROLE_TAG: "parent",
+                  "mlflow.note.content": self.config.description or f"Study {self.config.name}"},
+        )
+        run_id = run.info.run_id
+        self.study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        self.study.set_user_attr(EXPERIMENT_ATTR, self.experiment_id)
+        self.study.set_user_attr(CONFIG_ATTR, json.dumps(self.config.raw, default=str))
+        self.client.log_dict(run_id, dict(self.config.raw), "study_config.yaml")
+        _logger.info("created parent run %s for study %r in experiment %r",
+                     run_id, self.config.name, self.config.experiment_name)
+        return run_id
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except MlflowException:
+            return False
+
+    def mark_parent_running(self) -> str:
+        """Set the parent run's status to RUNNING while workers train, and return its id."""
+        run_id = self.parent_run_id()
+        call_with_retry(lambda: self.client.update_run(run_id, status="RUNNING"),
+                        what="mark parent running")
+        return run_id
+
+    def start_trial(self, trial: optuna.Trial, params: Mapping[str, Any]) -> TrialRun:
+        """Open the child run of ``trial`` and log its parameters.
+
+        Args:
+            trial: The running Optuna trial; the run id is stored in its user attributes.
+            params: Every parameter to log at the start (sampled values, device, seed,
+                fingerprints), so pruned and failed runs have them too.
+        """
+        parent_id = self.parent_run_id()
+        run = call_with_retry(lambda: self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={MLFLOW_PARENT_RUN_ID: parent_id, STUDY_TAG: self.config.name,
+                  ROLE_TAG: "trial", TRIAL_TAG: str(trial.number)},
+        ), what="create child run")
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        trial_run = TrialRun(self.client, run.info.run_id)
+        trial_run.log_params({"trial_number": trial.number, **params})
+        return trial_run
+
+    def finish_study(self, status: str = "FINISHED") -> None:
+        """Record the best trial on the parent run and end it with ``status``."""
+        run_id = self.parent_run_id()
+        tags, metrics = summarize_best_trial(self.study)
+        timestamp = int(time.time() * 1000)
+        call_with_retry(lambda: self.client.log_batch(
+            run_id,
+            metrics=[Metric(key, value, timestamp, 0) for key, value in metrics.items()],
+            tags=[RunTag(key, _truncate(str(value))) for key, value in tags.items()],
+        ), what="log study summary")
+        call_with_retry(lambda: self.client.set_terminated(run_id, status=status),
+                        what="end parent run")
+
+
+def summarize_best_trial(study: optuna.Study) -> tuple[dict[str, str], dict[str, float]]:
+    """Return tags and metrics that describe the study's best trial so far.
+
+    Parameters of the best trial are stored as ``best.<name>`` tags because MLflow params
+    cannot change once logged, and the best trial changes as the study goes on.
+    """
+    states = (optuna.trial.TrialState.COMPLETE,)
+    completed = study.get_trials(deepcopy=False, states=states)
+    counts: dict[str, float] = {}
+    for state in optuna.trial.TrialState:
+        counts[f"n_trials_{state.name.lower()}"] = float(
+            len(study.get_trials(deepcopy=False, states=(state,))))
+    if not completed:
+        return {"best_trial_number": "none"}, counts
+    best = study.best_trial
+    tags = {"best_trial_number": str(best.number)}
+    tags.update({f"best.{name}": str(value) for name, value in best.params.items()})
+    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        tags["best_run_id"] = str(run_id)
+    metrics = {"best_value": float(best.value), "best_trial_number": float(best.number), **counts}
+    return tags, metrics
+
+
+class TrialRun:
+    """The child run of one trial.
+
+    Per-epoch metrics are logged asynchronously, so a slow tracking server does not hold up
+    training; :meth:`finish` waits for them before ending the run.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending: list[Any] = []
+        self.finished = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters once (MLflow params are immutable)."""
+        entries = [Param(str(key), _truncate(str(value), 6000)) for key, value in params.items()]
+        for start in range(0, len(entries), 100):
+            batch = entries[start:start + 100]
+            call_with_retry(lambda batch=batch: self.client.log_batch(self.run_id, params=batch),
+                            what="log params")
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Queue one epoch's metrics with ``step=epoch``."""
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
+        operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        if operation is not None:
+            self._pending.append(operation)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags on the run (long values are truncated to MLflow's limit)."""
+        entries = [RunTag(str(key), _truncate(str(value))) for key, value in tags.items()]
+        call_with_retry(lambda: self.client.log_batch(self.run_id, tags=entries), what="set tags")
+
+    def flush(self) -> None:
+        """Wait until every queued metric is stored."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            try:
+                operation.wait()
+            except Exception as error:  # An async batch failed for good; keep the rest.
+                _logger.warning("run %s: queued metrics could not be logged: %s",
+                                self.run_id, _first_line(error))
+
+    def finish(
+        self,
+        status: str,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Flush queued metrics, log the final values and end the run with ``status``.
+
+        Args:
+            status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+            metrics: Final metrics (step 0).
+            tags: Final tags.
+            params: Final params, such as the trial's state.
+            error: The exception that ended the trial; its message becomes the ``error`` tag
+                and its traceback the artifact ``error.txt``.
+        """
+        if self.finished:
+            return
+        self.flush()
+        timestamp = int(time.time() * 1000)
+        all_tags = dict(tags or {})
+        if error is not None:
+            all_tags["error"] = f"{type(error).__name__}: {error}"
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            call_with_retry(lambda: self.client.log_text(self.run_id, trace, "error.txt"),
+                            what="log traceback")
+        call_with_retry(lambda: self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), timestamp, 0) for key, value in (metrics or {}).items()],
+            params=[Param(str(key), str(value)) for key, value in (params or {}).items()],
+            tags=[RunTag(str(key), _truncate(str(value))) for key, value in all_tags.items()],
+        ), what="log final values")
+        RunStatus.from_string(status)  # Raises on a misspelled status before anything ends.
+        call_with_retry(lambda: self.client.set_terminated(self.run_id, status=status),
+                        what="end child run")
+        self.finished = True
+
+
+def close_orphaned_run(client: MlflowClient, frozen_trial: optuna.trial.FrozenTrial,
+                       *, reason: str) -> bool:
+    """End the child run of a trial whose worker died, if it is still RUNNING.
+
+    Returns:
+        Whether a run was closed.
+    """
+    run_id = frozen_trial.user_attrs.get(RUN_ID_ATTR)
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "error", reason)
+    client.log_param(run_id, "state", "FAIL")
+    client.set_terminated(run_id, status="FAILED")
+    return True
+
+
+def _truncate(text: str, limit: int = MAX_TAG_LENGTH) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
