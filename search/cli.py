@@ -116,6 +116,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     from features import DatasetError
     from search.study import StorageError
     from search.tracking import TrackingError
+    from search.workers import LaunchError
 
     try:
         with interrupt_handling():
@@ -126,7 +127,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(128 + signal.SIGINT)
-    except (ConfigError, DatasetError) as error:
+    except (ConfigError, DatasetError, LaunchError) as error:
         fail(str(error), code=EXIT_INPUT_ERROR)
     except (StorageError, TrackingError) as error:
         fail(str(error), code=EXIT_RUNTIME_ERROR)
@@ -192,19 +193,68 @@ def main() -> None:
 @click.argument("study")
 @_config_option
 @_study_options
+@click.option("--workers", "n_workers", type=click.IntRange(min=1), default=None,
+              help="Start this many worker processes on this machine, on --device "
+                   "[default cpu]; they share the study's n_trials.")
+@click.option("--gpus", default=None,
+              help="Start one worker process per GPU: `all` or indices such as 0,2.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads per --workers process [default: CPU cores / workers].")
 @_with_verbosity
 def launch(study: str, config_path: str | None, n_trials: int | None, timeout: float | None,
            device: str | None, data: Path | None, storage: str | None,
            tracking_uri: str | None, cache_dir: Path | None, progress: bool | None,
+           n_workers: int | None, gpus: str | None, threads: int | None,
            verbose: int, quiet: bool) -> None:
-    """Create STUDY (or resume it) and run its trials in this process."""
+    """Create STUDY (or resume it) and run its trials in this process or in workers."""
     configure_logging(-1 if quiet else verbose)
+    _check_worker_flags(n_workers=n_workers, gpus=gpus, device=device, threads=threads)
     _check_data_flag(data)
     overrides = Overrides(n_trials=n_trials, timeout=timeout, device=device, data=data,
-                          storage=storage, tracking_uri=tracking_uri, cache_dir=cache_dir)
+                          storage=_storage_flag(storage), tracking_uri=tracking_uri,
+                          cache_dir=cache_dir)
     config = resolve_study(config_path, study, overrides)
+    if n_workers is not None or gpus is not None:
+        from search.workers import LaunchOptions, launch_workers
+
+        options = LaunchOptions(
+            config_path=_config_path(config_path).resolve(), n_workers=n_workers, gpus=gpus,
+            threads=threads, device=device, data=data, storage=storage,
+            tracking_uri=tracking_uri, cache_dir=cache_dir, timeout=timeout,
+            verbosity=-1 if quiet else verbose,
+        )
+        sys.exit(run_guarded(lambda: launch_workers(config, options, more_trials=n_trials)))
     show_progress = sys.stderr.isatty() if progress is None else progress
     _run_study(config, more_trials=n_trials, progress=show_progress, set_target=True)
+
+
+def _check_worker_flags(*, n_workers: int | None, gpus: str | None, device: str | None,
+                        threads: int | None) -> None:
+    if n_workers is not None and gpus is not None:
+        raise click.UsageError("--workers and --gpus cannot be combined: --workers N starts N "
+                               "workers on --device (default cpu), --gpus one worker per GPU. "
+                               "Pass one of them.")
+    if gpus is not None and device is not None:
+        raise click.UsageError(f"--gpus {gpus} and --device {device} cannot be combined: --gpus "
+                               f"sets each worker's device. Drop --device.")
+    if threads is not None and n_workers is None:
+        raise click.UsageError("--threads applies to --workers only. Pass --workers N too, or "
+                               "set training.num_threads for a single process.")
+
+
+def _storage_flag(storage: str | None) -> str | None:
+    """Return --storage, else the URL in GENRE_SEARCH_STORAGE_FILE unless GENRE_SEARCH_STORAGE is set."""
+    if storage or settings.STORAGE.get():
+        return storage
+    path = settings.STORAGE_FILE.get()
+    if path is None:
+        return None
+    from search.workers import LaunchError, read_storage_file
+
+    try:
+        return read_storage_file(path)
+    except LaunchError as error:
+        fail(str(error), code=EXIT_INPUT_ERROR)
 
 
 @main.command()
@@ -220,9 +270,13 @@ def worker(study: str, config_path: str | None, n_trials: int | None, timeout: f
     configure_logging(-1 if quiet else verbose)
     _check_data_flag(data)
     overrides = Overrides(n_trials=n_trials, timeout=timeout, device=device, data=data,
-                          storage=storage, tracking_uri=tracking_uri, cache_dir=cache_dir)
+                          storage=_storage_flag(storage), tracking_uri=tracking_uri,
+                          cache_dir=cache_dir)
     config = resolve_study(config_path, study, overrides)
     show_progress = sys.stderr.isatty() if progress is None else progress
+    from search.workers import check_attached_worker_storage
+
+    run_guarded(lambda: check_attached_worker_storage(config))
     _run_study(config, more_trials=n_trials, progress=show_progress, set_target=False)
 
 
@@ -284,7 +338,7 @@ def status(study: str, config_path: str | None, storage: str | None) -> None:
     from search.reports import format_status
 
     configure_logging(-1)
-    config = resolve_study(config_path, study, Overrides(storage=storage))
+    config = resolve_study(config_path, study, Overrides(storage=_storage_flag(storage)))
     click.echo(run_guarded(lambda: format_status(config)))
 
 
@@ -304,6 +358,99 @@ def studies(config_path: str | None, storage: str | None) -> None:
     configs = [apply_overrides(config, Overrides(storage=storage), base_dir=path.resolve().parent)
                for config in loaded.studies.values()]
     click.echo(run_guarded(lambda: format_studies(configs)))
+
+
+
+@main.command()
+@click.argument("study")
+@_config_option
+@click.option("--storage", default=None, help="Optuna storage URL [env GENRE_SEARCH_STORAGE].")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [env GENRE_SEARCH_TRACKING_URI].")
+def report(study: str, config_path: str | None, storage: str | None,
+           tracking_uri: str | None) -> None:
+    """Refresh STUDY's summary on its MLflow parent run and print where it is.
+
+    The summary is the resolved study config, trials.csv and Optuna's plots as HTML
+    (parallel coordinates, parameter importances, optimization history, intermediate values).
+    """
+    configure_logging(-1)
+    config = resolve_study(config_path, study, Overrides(storage=_storage_flag(storage),
+                                                         tracking_uri=tracking_uri))
+    artifact_uri, names = run_guarded(lambda: _refresh_report(config))
+    click.echo(f"Study {config.name!r}: summary of the parent run refreshed in {artifact_uri}")
+    for name in names:
+        click.echo(f"  {name}")
+
+
+def _refresh_report(config: StudyConfig) -> tuple[str, list[str]]:
+    import optuna
+
+    from search.study import create_storage, study_exists
+    from search.summary import log_study_summary
+    from search.tracking import StudyTracker
+
+    storage = create_storage(config.storage, heartbeat=False)
+    if not study_exists(config.name, storage):
+        fail(f"study {config.name!r} does not exist in {_display_uri(config.storage)}. "
+             f"Run it first with: genre-search launch {config.name}", code=EXIT_INPUT_ERROR)
+    tracker = StudyTracker(config, optuna.load_study(study_name=config.name, storage=storage))
+    tracker.check_connection()
+    return log_study_summary(tracker)
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI that resolves models:/ and runs:/ URIs "
+                   "[env GENRE_SEARCH_TRACKING_URI, then MLFLOW_TRACKING_URI].")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device to classify on: cpu, cuda, cuda:N or mps.")
+def predict(model_uri: str, files: tuple[Path, ...], tracking_uri: str | None,
+            device: str) -> None:
+    """Classify audio FILES with the model at MODEL_URI (e.g. models:/NAME@champion).
+
+    Prints one line per file: the path, the genre and its probability. A file that cannot
+    be read is reported on stderr and the others are still classified. Exits with status 0
+    when every file was classified, 1 when some were not or the model could not be loaded.
+    """
+    configure_logging(-1)
+    uri = tracking_uri or settings.TRACKING_URI.get() or os.environ.get("MLFLOW_TRACKING_URI")
+    model = run_guarded(lambda: _load_model(model_uri, uri, device))
+    n_failed = 0
+    for path in files:
+        try:
+            row = model.predict(_path_frame(path)).iloc[0]
+        except Exception as error:  # Decode, resampling and shape errors all mean "skip".
+            click.echo(f"Error: cannot classify {str(path)!r}: {error}", err=True)
+            n_failed += 1
+            continue
+        genre = str(row["genre"])
+        click.echo(f"{path}\t{genre}\t{float(row[f'prob_{genre}']):.3f}")
+    if n_failed:
+        click.echo(f"{n_failed} of {len(files)} files could not be classified.", err=True)
+        sys.exit(EXIT_RUNTIME_ERROR)
+
+
+def _load_model(model_uri: str, tracking_uri: str | None, device: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    from search.registry import load_classifier
+
+    try:
+        return load_classifier(model_uri, tracking_uri=tracking_uri, device=device)
+    except (MlflowException, OSError) as error:
+        fail(f"cannot load model {model_uri!r} from tracking URI "
+             f"{_display_uri(tracking_uri or 'the MLflow default')}: {error}. Check the name "
+             f"and alias, and pass --tracking-uri (e.g. sqlite:///mlflow.db).",
+             code=EXIT_RUNTIME_ERROR)
+
+
+def _path_frame(path: Path) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"path": [str(path)]})
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import optuna
 import torch
 from tqdm import tqdm
 
+from search import settings
 from search.config import StudyConfig, redact_url
 from search.data import prepare_dataset
 from search.objective import Objective, SurplusTrialError, TrialFailedError, TrialOutcome
+from search.registry import ChampionRegistrar, chain_callbacks
 from search.study import create_storage, open_study
+from search.summary import refresh_parent_summary
 from search.tracking import RUN_ID_ATTR, StudyTracker, close_orphaned_run
 from search.training import EpochResult, resolve_device
 
@@ -22,6 +27,8 @@ _logger = logging.getLogger(__name__)
 
 TARGET_ATTR = "target_n_trials"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+WORKER_INDEX_ENV = "GENRE_SEARCH_WORKER_INDEX"
+"""Set by ``launch --workers/--gpus`` for each worker process: its index, from 0."""
 POLL_SECONDS = 2.0
 """How often a worker with nothing to run checks the study again."""
 
@@ -88,9 +95,12 @@ def run_worker(
         features.DatasetError: The dataset is unusable.
     """
     started = time.monotonic()
+    if not set_study_target:
+        config = _with_worker_sampler_seed(config)
     device = resolve_device(config.device)
-    if config.training.num_threads is not None:
-        torch.set_num_threads(config.training.num_threads)
+    n_threads = worker_threads(config)
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
 
     tracker_holder: list[StudyTracker] = []
     storage = create_storage(
@@ -108,9 +118,10 @@ def run_worker(
 
     dataset = prepare_dataset(config, device=device, progress=progress)
     parent_run_id = tracker.mark_parent_running()
-    _logger.info("study %r: storage %s, tracking %s, parent run %s, device %s",
-                 config.name, redact_url(config.storage), redact_url(config.tracking_uri),
-                 parent_run_id, device)
+    _logger.info("study %r: storage %s, tracking %s, parent run %s, device %s%s, "
+                 "%d torch threads", config.name, redact_url(config.storage),
+                 redact_url(config.tracking_uri), parent_run_id, device,
+                 _visible_gpus_note(device), torch.get_num_threads())
 
     def current_target() -> int | None:
         if target is not None and not set_study_target and more_trials is not None:
@@ -120,6 +131,8 @@ def run_worker(
     bar = _EpochBar(config.training.epochs, enabled=progress)
     objective = Objective(config, dataset, tracker, device, target_trials=current_target,
                           on_complete=on_complete, on_epoch=bar.update)
+    registrar = ChampionRegistrar(config, tracker, objective.data, dataset.settings, device)
+    objective.on_complete = chain_callbacks(registrar, on_complete)
     n_run = 0
     status = "FINISHED"
     try:
@@ -129,12 +142,69 @@ def run_worker(
         raise
     finally:
         bar.close()
-        tracker.finish_study(status=status)
+        _finish_parent_run(tracker, study, status)
 
     best_value, best_number = _best(study)
     return WorkerResult(n_trials_run=n_run, n_finished_in_study=count_finished(study),
                         best_value=best_value, best_trial_number=best_number,
                         seconds=time.monotonic() - started)
+
+
+def _with_worker_sampler_seed(config: StudyConfig) -> StudyConfig:
+    """Give an attached worker its own sampler seed.
+
+    Workers that share a seed sample the same parameters for their first trials. The
+    offset is GENRE_SEARCH_WORKER_INDEX + 1 (set by ``launch``) or the process id.
+    """
+    seed = config.sampler.seed
+    if seed is None:
+        return config
+    index = os.environ.get(WORKER_INDEX_ENV, "")
+    offset = int(index) + 1 if index.isdigit() else os.getpid()
+    _logger.info("sampler seed %d (study seed %d + worker offset %d)", seed + offset, seed,
+                 offset)
+    return replace(config, sampler=replace(config.sampler, seed=seed + offset))
+
+
+def worker_threads(config: StudyConfig) -> int | None:
+    """Return the torch thread count: GENRE_SEARCH_NUM_THREADS, else `training.num_threads`.
+
+    Raises:
+        ValueError: The environment variable is not a positive integer.
+    """
+    text = settings.NUM_THREADS.get()
+    if text is None:
+        return config.training.num_threads
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{settings.NUM_THREADS.name}={text!r} is invalid. Set a whole "
+                         f"number >= 1, or unset it to use training.num_threads.")
+    return int(text)
+
+
+def _visible_gpus_note(device: torch.device) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device.type != "cuda" or not visible:
+        return ""
+    return f" (CUDA_VISIBLE_DEVICES={visible}, so {device} is physical GPU " \
+           f"{visible.split(',')[device.index or 0]})"
+
+
+def _finish_parent_run(tracker: StudyTracker, study: optuna.Study, status: str) -> None:
+    """End the parent run, unless this worker stops early while others still run trials.
+
+    An interrupted worker leaves the parent RUNNING when other workers' trials are running,
+    because the last worker to stop (or ``launch``) ends it. A trial whose worker died is
+    failed first, so it does not keep the parent open.
+    """
+    if status != "FINISHED":
+        _fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if running:
+            _logger.info("worker stopped (%s); parent run left RUNNING for the %d trial(s) "
+                         "other workers are running", status, len(running))
+            return
+    refresh_parent_summary(tracker)
+    tracker.finish_study(status=status)
 
 
 def _optimize_until_target(
@@ -182,8 +252,15 @@ def _needs_more_trials(study: optuna.Study, target: int) -> bool:
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         if count_finished(study) + len(running) < target:
             return True
-        optuna.storages.fail_stale_trials(study)
+        _fail_stale_trials(study)
         time.sleep(POLL_SECONDS)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        # Experimental in Optuna 4.9, like the heartbeats it relies on.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

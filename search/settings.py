@@ -45,4 +45,25 @@ DEVICE = EnvironmentVariable(
     "GENRE_SEARCH_DEVICE", "Training device: auto, cpu, cuda, cuda:N or mps. Overrides `device`."
 )
 
-ALL_VARIABLES = (CONFIG, STORAGE, TRACKING_URI, DATA, CACHE_DIR, DEVICE)
+STORAGE_FILE = EnvironmentVariable(
+    "GENRE_SEARCH_STORAGE_FILE",
+    "File whose first line is the Optuna storage URL, password included (e.g. a container "
+    "secret). Used when neither --storage nor GENRE_SEARCH_STORAGE is set.",
+)
+NUM_THREADS = EnvironmentVariable(
+    "GENRE_SEARCH_NUM_THREADS",
+    "torch intra-op threads of this worker. Overrides `training.num_threads`; `launch "
+    "--workers N` sets it for each worker to the CPU cores divided by N.",
+)
+HEARTBEAT_INTERVAL = EnvironmentVariable(
+    "GENRE_SEARCH_HEARTBEAT_INTERVAL",
+    "Seconds between heartbeats of a running trial (default 10).",
+)
+GRACE_PERIOD = EnvironmentVariable(
+    "GENRE_SEARCH_GRACE_PERIOD",
+    "Seconds without a heartbeat after which another worker fails and retries a trial "
+    "(default 60). Keep it several times the heartbeat interval.",
+)
+
+ALL_VARIABLES = (CONFIG, STORAGE, TRACKING_URI, DATA, CACHE_DIR, DEVICE, STORAGE_FILE,
+                 NUM_THREADS, HEARTBEAT_INTERVAL, GRACE_PERIOD)

@@ -11,15 +11,18 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
-from search.config import PrunerConfig, SamplerConfig, StudyConfig, redact_url
+from search import settings
+from search.config import ConfigError, PrunerConfig, SamplerConfig, StudyConfig, redact_url
 
 _logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_SECONDS = 10
-"""How often a running trial tells the storage that its worker is alive."""
+"""How often a running trial tells the storage that its worker is alive (default of
+GENRE_SEARCH_HEARTBEAT_INTERVAL)."""
 
 GRACE_PERIOD_SECONDS = 60
-"""How long a trial may miss heartbeats before another worker marks it failed."""
+"""How long a trial may miss heartbeats before another worker marks it failed (default of
+GENRE_SEARCH_GRACE_PERIOD)."""
 
 MAX_RETRY = 2
 """How many times a trial whose worker died is re-queued."""
@@ -86,9 +89,10 @@ def create_storage(
         engine_kwargs.update(pool_size=2, max_overflow=2, pool_recycle=1800)
     heartbeat_kwargs: dict[str, Any] = {}
     if heartbeat:
+        interval, grace_period = heartbeat_settings()
         heartbeat_kwargs = dict(
-            heartbeat_interval=HEARTBEAT_INTERVAL_SECONDS,
-            grace_period=GRACE_PERIOD_SECONDS,
+            heartbeat_interval=interval,
+            grace_period=grace_period,
             heartbeat_stale_trial_callback=_StaleTrialHandler(on_failed_trial),
         )
     try:
@@ -104,6 +108,39 @@ def create_storage(
             f"and the user may connect (set the password through the environment, e.g. "
             f"PGPASSWORD), or set `storage:` / GENRE_SEARCH_STORAGE to another URL."
         ) from None
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Return the heartbeat interval and grace period in seconds.
+
+    They come from GENRE_SEARCH_HEARTBEAT_INTERVAL and GENRE_SEARCH_GRACE_PERIOD, else the
+    module defaults. Every worker of a study should use the same values.
+
+    Raises:
+        ConfigError: A value is not a positive integer, or the grace period is not longer
+            than the interval.
+    """
+    interval = _positive_seconds(settings.HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL_SECONDS)
+    grace_period = _positive_seconds(settings.GRACE_PERIOD, GRACE_PERIOD_SECONDS)
+    if grace_period <= interval:
+        raise ConfigError("environment", [
+            f"{settings.GRACE_PERIOD.name}={grace_period} must be longer than "
+            f"{settings.HEARTBEAT_INTERVAL.name}={interval}, or live trials are failed as "
+            f"stale. Use a grace period of several intervals."
+        ])
+    return interval, grace_period
+
+
+def _positive_seconds(variable: settings.EnvironmentVariable, default: int) -> int:
+    text = variable.get()
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError("environment", [
+            f"{variable.name}={text!r} is invalid. Set a whole number of seconds >= 1 or "
+            f"unset it for the default of {default}."
+        ])
+    return int(text)
 
 
 class _StaleTrialHandler:
