@@ -50,10 +50,10 @@ def scan_folder(root: str | os.PathLike[str]) -> list[Track]:
     """List the tracks of a dataset laid out as ``<root>/<genre>/<file>`` (GTZAN layout).
 
     Files below a genre folder (nested folders included, symlinked folders not followed)
-    whose extension, compared
-    case-insensitively, is in :data:`AUDIO_EXTENSIONS` become tracks. Other files there are
-    skipped with one WARNING each and a summary WARNING with their count. Files directly
-    in ``root`` (a README, a manifest) are not tracks and are ignored at DEBUG level.
+    whose extension, compared case-insensitively, is in :data:`AUDIO_EXTENSIONS` become
+    tracks. Other files there are skipped with one WARNING each and a summary WARNING
+    with their count. Files directly in ``root`` (a README, a manifest) are not tracks
+    and are ignored at DEBUG level.
     Hidden files and folders (names starting with ``"."``) are ignored silently.
 
     Args:

@@ -510,7 +510,7 @@ def test_cache_publish_race(
 
     cache_module._publish(late_build, entry, feature_set.fingerprint)
 
-    # A valid published entry is kept; an invalid one is replaced by the late build.
+    # A valid published entry is kept, but an invalid one is replaced by the late build.
     assert (entry / "late").exists() is not existing_valid
     # Either way the entry under the key loads with the same features.
     reloaded = load_features(scan_folder(dataset), small_settings, cache_dir=cache_dir)
