@@ -43,10 +43,6 @@ from search.training import resolve_device
 
 _logger = logging.getLogger(__name__)
 
-STOP_TIMEOUT_SECONDS = 600.0
-"""How long ``launch`` waits for interrupted workers to close their trials."""
-
-
 class LaunchError(ValueError):
     """The requested workers cannot be started (bad flags, no GPU, unsuitable storage)."""
 
@@ -70,7 +66,7 @@ class WorkerPlan:
 
 @dataclass(frozen=True)
 class WorkerExit:
-    """How one worker process ended."""
+    """Exit status and run time of one worker process."""
 
     plan: WorkerPlan
     returncode: int
@@ -79,7 +75,7 @@ class WorkerExit:
 
 @dataclass(frozen=True)
 class LaunchSummary:
-    """What the workers of one ``launch`` did."""
+    """Outcome of the workers of one ``launch``."""
 
     exits: list[WorkerExit]
     interrupted_by: int | None
@@ -138,12 +134,21 @@ def parse_gpu_list(spec: str, n_gpus: int) -> list[int]:
     return indices
 
 
-def plan_gpu_workers(gpu_indices: Sequence[int]) -> list[WorkerPlan]:
-    """Plan one worker per GPU, each seeing only its GPU as ``cuda:0``."""
+def plan_gpu_workers(gpu_indices: Sequence[int], *, trials_per_gpu: int = 1) -> list[WorkerPlan]:
+    """Plan ``trials_per_gpu`` workers per GPU, each seeing only its GPU as ``cuda:0``.
+
+    Several workers on one GPU run several trials at once, which keeps a GPU busy when
+    one small model cannot. Each worker is its own process with its own CUDA context
+    (a few hundred MiB of GPU memory each).
+    """
+    if trials_per_gpu < 1:
+        raise LaunchError(f"--trials-per-gpu {trials_per_gpu} is invalid. Pass 1 or more.")
+    slots = [(gpu, slot) for gpu in gpu_indices for slot in range(trials_per_gpu)]
     return [
-        WorkerPlan(index=index, device="cuda:0", label=f"gpu {gpu}",
+        WorkerPlan(index=index, device="cuda:0",
+                   label=f"gpu {gpu}" if trials_per_gpu == 1 else f"gpu {gpu}.{slot}",
                    env={"CUDA_VISIBLE_DEVICES": str(gpu), WORKER_INDEX_ENV: str(index)})
-        for index, gpu in enumerate(gpu_indices)
+        for index, (gpu, slot) in enumerate(slots)
     ]
 
 
@@ -261,6 +266,8 @@ class LaunchOptions:
     cache_dir: Path | None = None
     timeout: float | None = None
     verbosity: int = 0
+    trials_per_gpu: int = 1
+    training_flags: tuple[str, ...] = ()
 
 
 def plan_launch(config: StudyConfig, options: LaunchOptions) -> list[WorkerPlan]:
@@ -272,7 +279,8 @@ def plan_launch(config: StudyConfig, options: LaunchOptions) -> list[WorkerPlan]
     if options.gpus is not None:
         import torch
 
-        plans = plan_gpu_workers(parse_gpu_list(options.gpus, torch.cuda.device_count()))
+        plans = plan_gpu_workers(parse_gpu_list(options.gpus, torch.cuda.device_count()),
+                                 trials_per_gpu=options.trials_per_gpu)
     else:
         plans = plan_cpu_workers(options.n_workers or 1, threads=options.threads,
                                  device=options.device)
@@ -311,6 +319,7 @@ def _worker_flags(options: LaunchOptions) -> list[str]:
                         ("--timeout", options.timeout)):
         if value is not None:
             flags += [name, str(value)]
+    flags += list(options.training_flags)
     if options.verbosity < 0:
         flags.append("--quiet")
     flags += ["--verbose"] * max(0, options.verbosity)
@@ -398,7 +407,7 @@ def run_workers(
     """Start one process per plan, forward SIGINT/SIGTERM to them and wait for all.
 
     Workers run in their own sessions, so a Ctrl-C in the terminal reaches them once,
-    through this process. The first signal asks every worker to close its current trial
+    through this process. At the first signal every worker closes its current trial
     (its MLflow run ends KILLED, its Optuna trial FAIL); a second one makes them exit at once.
     Each line a worker writes is copied to stderr behind its label.
 

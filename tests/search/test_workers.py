@@ -32,10 +32,27 @@ defaults:
 studies:
   tiny:
     dataset:
-      synthetic: {n_genres: 2, tracks_per_genre: 2, seconds: 2.0, seed: 0}
+      synthetic: {n_genres: 3, tracks_per_genre: 4, seconds: 4.0, seed: 0}
       sample_rate: 8000
       segment_seconds: 1.0
-    n_trials: 2
+      split: {method: random, valid_fraction: 0.25, seed: 0}
+    features: {n_fft: 256, hop_length: 128, n_mels: 16, f_max: 4000.0}
+    training: {epochs: 2, num_threads: 1}
+    pruner: {name: none}
+    sampler: {name: random, seed: 0}
+    n_trials: 3
+    search_space:
+      family: {choices: [cnn]}
+      learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}
+      batch_size: {choices: [16]}
+      dropout: {low: 0.0, high: 0.1}
+      weight_decay: {low: 1.0e-6, high: 1.0e-5, log: true}
+      optimizer: {choices: [adam]}
+      architectures:
+        cnn:
+          n_conv_layers: {low: 2, high: 2}
+          base_channels: {choices: [4]}
+          kernel_size: {choices: [3]}
 """
 
 
