@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -85,9 +87,57 @@ def resolve_study(config_path: str | None, name: str, overrides: Overrides) -> S
     try:
         studies = load_studies(path)
         study = studies.get(name)
-        return apply_overrides(study, overrides, base_dir=path.resolve().parent)
+        resolved = apply_overrides(study, overrides, base_dir=path.resolve().parent)
     except ConfigError as error:
         fail(str(error), code=EXIT_INPUT_ERROR)
+    return _apply_training_flags(resolved)
+
+
+_TRAINING_FLAGS = "genre_search.training_flags"
+
+
+def _training_flags(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --mixed-precision/--no-mixed-precision and --compile/--no-compile to a command.
+
+    The values go into the click context, and :func:`resolve_study` applies them over the
+    study's ``training`` section, so the command's own signature does not change.
+    """
+    @functools.wraps(function)
+    def command(*args: Any, mixed_precision: bool | None, compile_model: bool | None,
+                **kwargs: Any) -> Any:
+        flags = {"mixed_precision": mixed_precision, "compile": compile_model}
+        click.get_current_context().meta[_TRAINING_FLAGS] = flags
+        return function(*args, **kwargs)
+
+    options = [
+        click.option("--mixed-precision/--no-mixed-precision", default=None,
+                     help="bfloat16 autocast and channels-last on CUDA "
+                          "[default: training.mixed_precision, on]."),
+        click.option("--compile/--no-compile", "compile_model", default=None,
+                     help="Wrap each model with torch.compile [default: training.compile, off]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _training_flag_args() -> tuple[str, ...]:
+    """Return the training flags given to this command, to pass on to worker processes."""
+    flags = click.get_current_context().meta.get(_TRAINING_FLAGS, {})
+    names = {"mixed_precision": "mixed-precision", "compile": "compile"}
+    return tuple(f"--{name}" if flags[key] else f"--no-{name}"
+                 for key, name in names.items() if flags.get(key) is not None)
+
+
+def _apply_training_flags(study: StudyConfig) -> StudyConfig:
+    context = click.get_current_context(silent=True)
+    flags = context.meta.get(_TRAINING_FLAGS, {}) if context is not None else {}
+    changes: dict[str, bool] = {key: value for key, value in flags.items() if value is not None}
+    if changes.get("mixed_precision") is False:
+        changes["channels_last"] = False
+    if not changes:
+        return study
+    return dataclasses.replace(study, training=dataclasses.replace(study.training, **changes))
 
 
 @contextmanager
@@ -200,14 +250,21 @@ def main() -> None:
               help="Start one worker process per GPU: `all` or indices such as 0,2.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads per --workers process [default: CPU cores / workers].")
+@click.option("--trials-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --gpus: worker processes per GPU, so that small models run several "
+                   "trials on one GPU at once.")
+@_training_flags
 @_with_verbosity
 def launch(study: str, config_path: str | None, n_trials: int | None, timeout: float | None,
            device: str | None, data: Path | None, storage: str | None,
            tracking_uri: str | None, cache_dir: Path | None, progress: bool | None,
            n_workers: int | None, gpus: str | None, threads: int | None,
-           verbose: int, quiet: bool) -> None:
+           trials_per_gpu: int, verbose: int, quiet: bool) -> None:
     """Create STUDY (or resume it) and run its trials in this process or in workers."""
     configure_logging(-1 if quiet else verbose)
+    if trials_per_gpu > 1 and gpus is None:
+        raise click.UsageError(f"--trials-per-gpu {trials_per_gpu} applies to --gpus only. "
+                               f"Pass --gpus all (or indices such as 0,2) too.")
     _check_worker_flags(n_workers=n_workers, gpus=gpus, device=device, threads=threads)
     _check_data_flag(data)
     overrides = Overrides(n_trials=n_trials, timeout=timeout, device=device, data=data,
@@ -221,7 +278,8 @@ def launch(study: str, config_path: str | None, n_trials: int | None, timeout: f
             config_path=_config_path(config_path).resolve(), n_workers=n_workers, gpus=gpus,
             threads=threads, device=device, data=data, storage=storage,
             tracking_uri=tracking_uri, cache_dir=cache_dir, timeout=timeout,
-            verbosity=-1 if quiet else verbose,
+            verbosity=-1 if quiet else verbose, trials_per_gpu=trials_per_gpu,
+            training_flags=_training_flag_args(),
         )
         sys.exit(run_guarded(lambda: launch_workers(config, options, more_trials=n_trials)))
     show_progress = sys.stderr.isatty() if progress is None else progress
@@ -261,6 +319,7 @@ def _storage_flag(storage: str | None) -> str | None:
 @click.argument("study")
 @_config_option
 @_study_options
+@_training_flags
 @_with_verbosity
 def worker(study: str, config_path: str | None, n_trials: int | None, timeout: float | None,
            device: str | None, data: Path | None, storage: str | None,
@@ -440,7 +499,7 @@ def _load_model(model_uri: str, tracking_uri: str | None, device: str) -> Any:
 
     try:
         return load_classifier(model_uri, tracking_uri=tracking_uri, device=device)
-    except (MlflowException, OSError) as error:
+    except (MlflowException, OSError, ValueError) as error:
         fail(f"cannot load model {model_uri!r} from tracking URI "
              f"{_display_uri(tracking_uri or 'the MLflow default')}: {error}. Check the name "
              f"and alias, and pass --tracking-uri (e.g. sqlite:///mlflow.db).",

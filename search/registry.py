@@ -28,6 +28,7 @@ import torchaudio.functional
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from features import LogMelSettings, LogMelSpectrogram, load_audio, segment_waveform
@@ -49,14 +50,13 @@ STUDY_TAG = "genre_search.study"
 TRIAL_TAG = "genre_search.trial_number"
 INPUT_EXAMPLE_SECONDS = 0.25
 """Length of the silent input example, shorter than a segment so it shows zero-padding."""
-_MIN_STD = 1e-3
 
 
-class GenreClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class GenreClassifier(PythonModel):
     """Genre classifier over audio, with the log-mel front end it was trained with.
 
-    Input: a DataFrame with either a ``path`` column (audio file paths) or ``waveform``
-    (mono samples as a list of floats) and ``sample_rate`` (Hz) columns; a row may use
+    Input: a DataFrame with a ``path`` column (audio file paths), or ``waveform`` (mono
+    samples as a list of floats) and ``sample_rate`` (Hz) columns. Each row may use
     either form. Each clip is resampled to the training rate, cut into segments of
     ``segment_seconds``, and the softmax probabilities of its segments are averaged. A clip
     shorter than one segment is zero-padded to one segment.
@@ -68,7 +68,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     classify on a GPU; the default is the CPU.
     """
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Load the weights, the genres, the front-end settings and normalization stats."""
         with open(context.artifacts["classifier_config"], encoding="utf-8") as file:
             description = json.load(file)
@@ -90,7 +90,7 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.model.load_state_dict(state_dict)
         self.model.to(self.device).eval()
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Classify every row of ``model_input``; see the class docstring for the columns.
 
@@ -117,10 +117,11 @@ class GenreClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
                 f"input row has no audio: path={path!r}, sample_rate={sample_rate!r}. "
                 f"Give a `path` column, or `waveform` (list of floats) and `sample_rate` (Hz)."
             )
+        assert sample_rate is not None
+        rate = int(sample_rate)
         waveform = torch.as_tensor(np.asarray(samples, dtype=np.float32))
-        if int(sample_rate) != self.settings.sample_rate:
-            waveform = torchaudio.functional.resample(waveform, int(sample_rate),
-                                                      self.settings.sample_rate)
+        if rate != self.settings.sample_rate:
+            waveform = torchaudio.functional.resample(waveform, rate, self.settings.sample_rate)
         return waveform.numpy()
 
     @torch.inference_mode()
@@ -205,6 +206,7 @@ def save_classifier(
         signature=model_signature(classes),
         input_example=example,
         pip_requirements=_pip_requirements(),
+        model_config={"device": "cpu"},
     )
     return path
 
@@ -235,9 +237,26 @@ def load_classifier(model_uri: str, *, tracking_uri: str | None = None,
     Returns:
         The loaded :class:`mlflow.pyfunc.PyFuncModel`.
     """
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
-                                                registry_uri=tracking_uri)
+    if model_uri.startswith("models:/") and tracking_uri is not None:
+        model_uri = _registered_model_source(model_uri, tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
     return mlflow.pyfunc.load_model(local, model_config={"device": device})
+
+
+def _registered_model_source(model_uri: str, tracking_uri: str) -> str:
+    # MLflow 3.17 resolves models:/ URIs against the global registry URI even when
+    # download_artifacts gets registry_uri, so the version is looked up here instead.
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    reference = model_uri[len("models:/"):].strip("/")
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        model_version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, _, model_version = reference.rpartition("/")
+        if not name or not model_version.isdigit():
+            raise ValueError(f"model_uri={model_uri!r} is invalid. Use models:/NAME@ALIAS or "
+                             f"models:/NAME/VERSION.")
+    return str(client.get_model_version_download_uri(name, model_version))
 
 
 class ChampionRegistrar:

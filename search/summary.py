@@ -120,7 +120,7 @@ def confusion_matrix(predictions: np.ndarray, targets: np.ndarray, n_classes: in
 
 
 def per_class_accuracy(matrix: np.ndarray, classes: tuple[str, ...]) -> dict[str, float]:
-    """Return each class's recall (correct / true segments); classes without segments are left out."""
+    """Return each class's recall, correct over true segments, for classes that have segments."""
     totals = matrix.sum(axis=1)
     return {genre: float(matrix[index, index] / totals[index])
             for index, genre in enumerate(classes) if totals[index] > 0}
