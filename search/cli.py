@@ -166,6 +166,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     from features import DatasetError
     from search.study import StorageError
     from search.tracking import TrackingError
+    from search.runner import TrialsKeepFailingError
     from search.workers import LaunchError
 
     try:
@@ -179,7 +180,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
         sys.exit(128 + signal.SIGINT)
     except (ConfigError, DatasetError, LaunchError) as error:
         fail(str(error), code=EXIT_INPUT_ERROR)
-    except (StorageError, TrackingError) as error:
+    except (StorageError, TrackingError, TrialsKeepFailingError) as error:
         fail(str(error), code=EXIT_RUNTIME_ERROR)
 
 
