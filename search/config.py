@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from models import MODEL_FAMILIES, family_parameters
+from models import family_parameters, model_families
 
 SAMPLERS = ("tpe", "random", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
@@ -68,7 +68,7 @@ class SyntheticDataConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How tracks are divided into train, validation and test splits."""
+    """Train, validation and test split of the tracks."""
 
     method: str = "random"
     valid_fraction: float = 0.2
@@ -81,7 +81,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Where the audio comes from and how it is cut.
+    """Audio source of a study and the length of its segments.
 
     Attributes:
         path: Folder of audio in genre sub-folders, or ``None`` with ``synthetic`` set.
@@ -160,7 +160,7 @@ class PrunerConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How each trial trains.
+    """Training settings shared by every trial.
 
     Attributes:
         epochs: Epochs per trial (the pruner may stop a trial earlier).
@@ -171,6 +171,9 @@ class TrainingConfig:
         compile: Wrap the model with ``torch.compile``.
         fatal_errors: Exception class names that stop the whole study instead of
             failing one trial.
+        segments_per_track: Cached segments of each training track drawn at random for
+            every epoch, ``None`` to train on every segment. Validation always uses every
+            segment.
     """
 
     epochs: int = 10
@@ -180,6 +183,7 @@ class TrainingConfig:
     channels_last: bool = True
     compile: bool = False
     fatal_errors: tuple[str, ...] = ()
+    segments_per_track: int | None = None
 
 
 @dataclass(frozen=True)
@@ -376,7 +380,14 @@ def _parse_study(name: str, entry: Mapping[str, Any], context: _Context) -> Stud
     n_before = len(context.problems)
     _reject_unknown(entry, _STUDY_KEYS, context)
 
-    training_entry = dict(entry.get("training") or {})
+    training_value = entry.get("training") or {}
+    if not isinstance(training_value, Mapping):
+        context.child("training").report(
+            f"must be a mapping, got {_show(training_value)}. "
+            f"Write e.g. `training: {{epochs: 10}}`."
+        )
+        training_value = {}
+    training_entry = dict(training_value)
     if "epochs" in entry:
         training_entry.setdefault("epochs", entry["epochs"])
     metric = _field(entry, "metric", context, _choice(tuple(METRICS)), "val_loss")
@@ -523,7 +534,7 @@ def _parse_features(entry: Any, context: _Context) -> FeatureConfig:
 
 def _parse_training(entry: Mapping[str, Any], context: _Context) -> TrainingConfig:
     keys = {"epochs", "seed", "num_threads", "mixed_precision", "channels_last", "compile",
-            "fatal_errors"}
+            "fatal_errors", "segments_per_track"}
     _reject_unknown(entry, keys, context)
     return TrainingConfig(
         epochs=_field(entry, "epochs", context, _integer(minimum=1, maximum=100000), 10),
@@ -533,7 +544,16 @@ def _parse_training(entry: Mapping[str, Any], context: _Context) -> TrainingConf
         channels_last=_field(entry, "channels_last", context, _boolean, True),
         compile=_field(entry, "compile", context, _boolean, False),
         fatal_errors=tuple(_field(entry, "fatal_errors", context, _string_list, [])),
+        segments_per_track=_field(entry, "segments_per_track", context,
+                                  _optional(_segments_per_track), None),
     )
+
+
+def _segments_per_track(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid(f"segments_per_track={_show(value)} is invalid. Use an integer of at "
+                       f"least 1, or null to train on every segment of each track.")
+    return value
 
 
 _SAMPLER_OPTIONS = {
@@ -606,9 +626,10 @@ def _parse_search_space(entry: Any, context: _Context) -> SearchSpace:
     family = _parse_param("family", entry.get("family", "cnn"), context.child("family"))
     families = _family_names(family)
     for name in families:
-        if name not in MODEL_FAMILIES:
+        # Read the registry now, not at import, so families registered later are known.
+        if name not in model_families():
             context.child("family").report(
-                f"unknown model family {name!r}. Known families: {', '.join(MODEL_FAMILIES)}."
+                f"unknown model family {name!r}. Known families: {', '.join(model_families())}."
             )
     common: list[ParamSpec] = []
     for name in COMMON_PARAMETERS:
@@ -687,7 +708,7 @@ def _parse_architectures(
             )
     architectures: dict[str, tuple[ParamSpec, ...]] = {}
     for family in families:
-        if family not in MODEL_FAMILIES:
+        if family not in model_families():
             continue
         block = entry.get(family) or {}
         family_context = context.child(family)
@@ -941,6 +962,15 @@ def _has_literal_password(url: str) -> bool:
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``, for logs and errors."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
+def redact_text(text: str) -> str:
+    """Return ``text`` with the password of every URL in it replaced by ``***``.
+
+    For exception messages of database drivers and HTTP clients, which quote the URL they
+    failed to reach, password included.
+    """
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", r"\1:***@", text)
 
 
 def resolve_database_url(url: str, *, base_dir: Path) -> str:

@@ -6,6 +6,7 @@ import gc
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,9 @@ class Objective:
             raise
         except Exception as error:
             run.finish("FAILED", metrics=_summary(progress), params={"state": "FAIL"}, error=error)
+            # Log records keep the exception, so its frames would keep the model's (GPU)
+            # tensors alive. The run already has the traceback text.
+            traceback.clear_frames(error.__traceback__)
             if type(error).__name__ in self.fatal_errors:
                 raise
             raise TrialFailedError(f"trial {trial.number} failed: {type(error).__name__}: "
@@ -172,6 +176,7 @@ class Objective:
             mixed_precision=self.config.training.mixed_precision,
             channels_last=self.config.training.channels_last,
             compile=self.config.training.compile,
+            segments_per_track=self.config.training.segments_per_track,
         )
 
         tracking_seconds = self.tracking_seconds.setdefault(trial.number, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -10,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import optuna
+import sqlalchemy.exc
 import torch
 from tqdm import tqdm
 
 from search import settings
-from search.config import StudyConfig, redact_url
+from search.config import StudyConfig, redact_text, redact_url
 from search.data import prepare_dataset
 from search.objective import Objective, SurplusTrialError, TrialFailedError, TrialOutcome
 from search.registry import ChampionRegistrar, chain_callbacks
@@ -30,6 +32,13 @@ FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRU
 WORKER_INDEX_ENV = "GENRE_SEARCH_WORKER_INDEX"
 """Set by ``launch --workers/--gpus`` for each worker process: its index, from 0."""
 POLL_SECONDS = 2.0
+STORAGE_RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0)
+MAX_CONSECUTIVE_FAILURES = 5
+"""A worker stops after this many failed trials in a row instead of retrying forever."""
+
+
+class TrialsKeepFailingError(RuntimeError):
+    """Every recent trial of this worker failed; the cause is on their MLflow runs."""
 """How often a worker with nothing to run checks the study again."""
 
 
@@ -216,16 +225,20 @@ def _optimize_until_target(
     bar: _EpochBar,
 ) -> int:
     n_run = 0
+    states: list[optuna.trial.TrialState] = []
     while True:
         target = current_target()
-        if target is not None and not _needs_more_trials(study, target):
+        if target is not None and not _with_storage_retry(
+                functools.partial(_needs_more_trials, study, target),
+                what="count finished trials"):
             break
         if config.timeout is not None and time.monotonic() - started >= config.timeout:
             _logger.info("study %r: timeout of %.0f s reached", config.name, config.timeout)
             break
         bar.start_trial(len(study.trials))
         study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
-                       callbacks=[_log_trial], gc_after_trial=False)
+                       callbacks=[_log_trial, lambda _, trial: states.append(trial.state)],
+                       gc_after_trial=False)
         if objective.surplus:
             # Other workers claimed the remaining trials first; wait for them (or for their
             # trials to go stale and be re-queued) in the next iteration.
@@ -233,7 +246,41 @@ def _optimize_until_target(
             time.sleep(POLL_SECONDS)
             continue
         n_run += 1
+        _check_failure_streak(states, config)
     return n_run
+
+
+def _with_storage_retry(action: Callable[[], bool], *, what: str) -> bool:
+    """Run a storage read again when the database dropped the connection it was using.
+
+    ``pool_pre_ping`` only replaces connections that died while idle in the pool; one cut
+    during a query (a server restart, ``pg_terminate_backend``) fails that query once.
+    """
+    for attempt, delay in enumerate((*STORAGE_RETRY_DELAYS_SECONDS, None), start=1):
+        try:
+            return action()
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as error:
+            if delay is None:
+                raise
+            _logger.warning("storage call failed (%s, attempt %d): %s; retrying in %.0f s",
+                            what, attempt, redact_text(str(error)).splitlines()[0][:300], delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _check_failure_streak(states: list[optuna.trial.TrialState], config: StudyConfig) -> None:
+    recent = states[-MAX_CONSECUTIVE_FAILURES:]
+    if len(recent) < MAX_CONSECUTIVE_FAILURES:
+        return
+    if any(state != optuna.trial.TrialState.FAIL for state in recent):
+        return
+    raise TrialsKeepFailingError(
+        f"study {config.name!r}: the last {MAX_CONSECUTIVE_FAILURES} trials of this worker "
+        f"all failed, so it stops instead of retrying forever. The reason of each is in the "
+        f"`error` tag of its MLflow run and in the warnings above; fix it (e.g. lower "
+        f"learning_rate.high when the loss diverges) and run `genre-search launch "
+        f"{config.name}` again to resume."
+    )
 
 
 def _needs_more_trials(study: optuna.Study, target: int) -> bool:

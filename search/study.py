@@ -12,7 +12,14 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 from search import settings
-from search.config import ConfigError, PrunerConfig, SamplerConfig, StudyConfig, redact_url
+from search.config import (
+    ConfigError,
+    PrunerConfig,
+    SamplerConfig,
+    StudyConfig,
+    redact_text,
+    redact_url,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -197,5 +204,5 @@ def study_exists(name: str, storage: optuna.storages.BaseStorage) -> bool:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = redact_text(str(error)).strip().splitlines()
     return text[0] if text else type(error).__name__

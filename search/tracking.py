@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from search.config import StudyConfig, redact_url
+from search.config import StudyConfig, redact_text, redact_url
 from search.study import CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR
 
 _logger = logging.getLogger(__name__)
@@ -140,10 +140,15 @@ class StudyTracker:
         return run_id
 
     def _run_exists(self, run_id: str) -> bool:
+        # Only a definite "not found" means missing: an unreachable server is retried, so a
+        # short outage never makes a second parent run.
         try:
-            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
-        except MlflowException:
-            return False
+            run = call_with_retry(lambda: self.client.get_run(run_id), what="find parent run")
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return run.info.lifecycle_stage != "deleted"
 
     def mark_parent_running(self) -> str:
         """Set the parent run's status to RUNNING while workers train, and return its id."""
@@ -237,7 +242,7 @@ class TrialRun:
         batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
         operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
         if operation is not None:
-            self._pending.append(operation)
+            self._pending.append((operation, batch))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags on the run (long values are truncated to MLflow's limit)."""
@@ -247,12 +252,21 @@ class TrialRun:
     def flush(self) -> None:
         """Wait until every queued metric is stored."""
         pending, self._pending = self._pending, []
-        for operation in pending:
+        for operation, batch in pending:
             try:
                 operation.wait()
-            except Exception as error:  # An async batch failed for good; keep the rest.
-                _logger.warning("run %s: queued metrics could not be logged: %s",
-                                self.run_id, _first_line(error))
+            except Exception as error:  # The async queue gave up, e.g. during a server outage.
+                _logger.warning("run %s: queued metrics could not be logged (%s); sending them "
+                                "again", self.run_id, _first_line(error))
+                self._resend(batch)
+
+    def _resend(self, batch: list[Metric]) -> None:
+        try:
+            call_with_retry(lambda: self.client.log_batch(self.run_id, metrics=batch),
+                            what="log queued metrics")
+        except (MlflowException, OSError) as error:
+            _logger.warning("run %s: %d metric value(s) could not be logged: %s",
+                            self.run_id, len(batch), _first_line(error))
 
     def finish(
         self,
@@ -279,8 +293,9 @@ class TrialRun:
         timestamp = int(time.time() * 1000)
         all_tags = dict(tags or {})
         if error is not None:
-            all_tags["error"] = f"{type(error).__name__}: {error}"
-            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            all_tags["error"] = redact_text(f"{type(error).__name__}: {error}")
+            trace = redact_text("".join(
+                traceback.format_exception(type(error), error, error.__traceback__)))
             call_with_retry(lambda: self.client.log_text(self.run_id, trace, "error.txt"),
                             what="log traceback")
         call_with_retry(lambda: self.client.log_batch(
@@ -322,5 +337,5 @@ def _truncate(text: str, limit: int = MAX_TAG_LENGTH) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
+    lines = redact_text(str(error)).strip().splitlines()
     return lines[0][:300] if lines else type(error).__name__

@@ -32,6 +32,8 @@ class TrialData:
         mean: (n_mels,) per-bin mean of the training segments, in dB.
         std: (n_mels,) per-bin standard deviation of the training segments, in dB.
         classes: Genre names, in class-index order.
+        train_tracks: (n_train,) int64 index of each training segment's track, or ``None``
+            when unknown (then every epoch trains on every segment).
     """
 
     x_train: torch.Tensor
@@ -42,6 +44,7 @@ class TrialData:
     mean: torch.Tensor
     std: torch.Tensor
     classes: tuple[str, ...]
+    train_tracks: torch.Tensor | None = None
 
     @property
     def n_mels(self) -> int:
@@ -88,6 +91,7 @@ class TrainingOptions:
     mixed_precision: bool = True
     channels_last: bool = True
     compile: bool = False
+    segments_per_track: int | None = None
 
 
 def prepare_data(feature_set: FeatureSet, splits: Splits, device: torch.device) -> TrialData:
@@ -120,6 +124,7 @@ def prepare_data(feature_set: FeatureSet, splits: Splits, device: torch.device) 
         mean=mean,
         std=std,
         classes=tuple(feature_set.classes),
+        train_tracks=tracks[train_index].to(device),
     )
 
 
@@ -145,6 +150,7 @@ def train_model(
         NonFiniteLossError: A training or validation loss was NaN or infinite.
     """
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
+    draw = _epoch_sampler(data, options.segments_per_track)
     use_cuda_speedups = device.type == "cuda"
     model = model.to(device)
     if use_cuda_speedups and options.channels_last:
@@ -157,8 +163,9 @@ def train_model(
     results: list[EpochResult] = []
     for epoch in range(1, options.epochs + 1):
         started = time.perf_counter()
-        train_loss, step_seconds = _train_one_epoch(runnable, data, optimizer, loss_function,
-                                                    options, generator, autocast=autocast)
+        order = draw(generator).to(data.x_train.device)
+        train_loss, step_seconds = _train_one_epoch(runnable, data, order, optimizer,
+                                                    loss_function, options, autocast=autocast)
         eval_started = time.perf_counter()
         val_loss, val_accuracy = evaluate(runnable, data.x_valid, data.y_valid, options.batch_size,
                                           autocast=autocast)
@@ -178,21 +185,65 @@ def train_model(
     return results
 
 
+def _epoch_sampler(
+    data: TrialData, segments_per_track: int | None
+) -> Callable[[torch.Generator], torch.Tensor]:
+    """Return a function that draws one epoch's shuffled training indices (CPU int64)."""
+    n_samples = int(data.x_train.shape[0])
+    if segments_per_track is None:
+        return lambda generator: torch.randperm(n_samples, generator=generator)
+    if data.train_tracks is None:
+        raise ValueError(f"segments_per_track={segments_per_track} needs the track of each "
+                         f"training segment, but TrialData.train_tracks is None. Build the "
+                         f"data with prepare_data or pass train_tracks.")
+    tracks = data.train_tracks.to("cpu")
+    return lambda generator: draw_segments_per_track(tracks, segments_per_track, generator)
+
+
+def draw_segments_per_track(
+    tracks: torch.Tensor, segments_per_track: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw up to ``segments_per_track`` random segments of every track, in shuffled order.
+
+    Vectorized: every segment gets a random rank inside its track (a random permutation,
+    then a stable sort by track), and the segments ranked below ``segments_per_track`` are
+    kept. A track with fewer segments keeps all of them.
+
+    Args:
+        tracks: (n_segments,) int64 track index of each segment, on the CPU.
+        segments_per_track: Segments to keep per track, at least 1.
+        generator: CPU random generator; the same state gives the same draw.
+
+    Returns:
+        (n_kept,) int64 segment indices in random order.
+    """
+    shuffled = torch.randperm(tracks.numel(), generator=generator)
+    by_track = torch.sort(tracks[shuffled], stable=True)
+    grouped = shuffled[by_track.indices]  # segments grouped by track, random order inside
+    _, counts = torch.unique_consecutive(by_track.values, return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.arange(tracks.numel()) - starts
+    kept = grouped[rank < segments_per_track]
+    return kept[torch.randperm(kept.numel(), generator=generator)]
+
+
 def _train_one_epoch(
     model: nn.Module,
     data: TrialData,
+    order: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     loss_function: nn.Module,
     options: TrainingOptions,
-    generator: torch.Generator,
     *,
     autocast: bool,
 ) -> tuple[float, float]:
-    """Return the mean training loss and the seconds spent in training steps."""
+    """Train on the segments ``order`` names, in that order.
+
+    Returns the mean training loss and the seconds spent in training steps.
+    """
     model.train()
     device = data.x_train.device
-    n_samples = data.x_train.shape[0]
-    order = torch.randperm(n_samples, generator=generator).to(device)
+    n_samples = int(order.numel())
     total_loss = torch.zeros((), device=device)
     # Per-step clocks are exact on CPU. On an accelerator they would need a synchronize per
     # step, so the whole loop is timed instead, with one synchronize at its end on CUDA.
