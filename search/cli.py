@@ -167,6 +167,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     from search.study import StorageError
     from search.tracking import TrackingError
     from search.runner import TrialsKeepFailingError
+    from search.training import DeviceError
     from search.workers import LaunchError
 
     try:
@@ -178,7 +179,7 @@ def run_guarded(action: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(128 + signal.SIGINT)
-    except (ConfigError, DatasetError, LaunchError) as error:
+    except (ConfigError, DatasetError, LaunchError, DeviceError) as error:
         fail(str(error), code=EXIT_INPUT_ERROR)
     except (StorageError, TrackingError, TrialsKeepFailingError) as error:
         fail(str(error), code=EXIT_RUNTIME_ERROR)
@@ -284,6 +285,11 @@ def launch(study: str, config_path: str | None, n_trials: int | None, timeout: f
         )
         sys.exit(run_guarded(lambda: launch_workers(config, options, more_trials=n_trials)))
     show_progress = sys.stderr.isatty() if progress is None else progress
+    from search.workers import check_attached_worker_storage
+
+    # A second `launch` on a SQLite study that is running would share its sampler seed
+    # and its database lock, so it is rejected like a second worker.
+    run_guarded(lambda: check_attached_worker_storage(config))
     _run_study(config, more_trials=n_trials, progress=show_progress, set_target=True)
 
 
@@ -367,8 +373,28 @@ def _run_study(config: StudyConfig, *, more_trials: int | None, progress: bool,
             if result.best_trial_number is not None else "no completed trial")
     click.echo(f"Study {config.name!r}: ran {result.n_trials_run} trials in "
                f"{result.seconds:.0f} s; {result.n_finished_in_study} finished in total; {best}.")
-    click.echo(f"Inspect: genre-search status {config.name}")
+    click.echo(f"Inspect: genre-search status {config.name}{_location_flags(config)}")
     click.echo(f"Compare: mlflow ui --backend-store-uri {_display_uri(config.tracking_uri)}")
+
+
+def _location_flags(config: StudyConfig) -> str:
+    """Return the flags that point `status` at this run's studies file and storage."""
+    flags = ""
+    config_path = _config_path(None)
+    if click.get_current_context().params.get("config_path"):
+        config_path = Path(click.get_current_context().params["config_path"])
+    if config_path != Path("studies.yaml"):
+        flags += f" --config {config_path}"
+    try:
+        from_file = load_studies(config_path).get(config.name)
+    except ConfigError:
+        return flags
+    without_flags = apply_overrides(from_file, Overrides(), base_dir=config_path.resolve().parent)
+    if config.storage != without_flags.storage:
+        from search.config import redact_url
+
+        flags += f" --storage '{redact_url(config.storage)}'"
+    return flags
 
 
 def _finished_trials(config: StudyConfig) -> int | None:
@@ -476,6 +502,9 @@ def predict(model_uri: str, files: tuple[Path, ...], tracking_uri: str | None,
     when every file was classified, 1 when some were not or the model could not be loaded.
     """
     configure_logging(-1)
+    from search.training import resolve_device
+
+    run_guarded(lambda: resolve_device(device))
     uri = tracking_uri or settings.TRACKING_URI.get() or os.environ.get("MLFLOW_TRACKING_URI")
     model = run_guarded(lambda: _load_model(model_uri, uri, device))
     n_failed = 0

@@ -113,7 +113,8 @@ class FeatureConfig:
 class ParamSpec:
     """One searched (or fixed) hyperparameter.
 
-    ``kind`` is ``float``, ``int``, ``categorical`` or ``fixed``.
+    ``kind`` is ``float``, ``int``, ``categorical`` or ``fixed``, or ``invalid`` for a
+    parameter whose problem was already reported.
     """
 
     name: str
@@ -295,7 +296,12 @@ def parse_studies(document: Any, *, base_dir: Path, source: str = "studies.yaml"
     if not isinstance(defaults, Mapping):
         problems.append(f"defaults: must be a mapping, got {_show(defaults)}.")
         defaults = {}
-    if not isinstance(studies, Mapping) or not studies:
+    if studies is not None and not isinstance(studies, Mapping):
+        problems.append(f"studies: must be a mapping of study names to entries, got "
+                        f"{_show(studies)}. Write `studies:` then each name with its keys "
+                        f"indented below it.")
+        studies = {}
+    elif not studies:
         problems.append("studies: missing or empty. Define at least one study under `studies:`.")
         studies = {}
 
@@ -307,13 +313,43 @@ def parse_studies(document: Any, *, base_dir: Path, source: str = "studies.yaml"
             problems.append(f"studies.{name}: must be a mapping, got {_show(entry)}.")
             continue
         merged = _deep_merge(defaults, entry)
-        context = _Context(f"studies.{name}", problems, base_dir)
+        study_problems: list[str] = []
+        context = _Context(f"studies.{name}", study_problems, base_dir)
         study = _parse_study(str(name), merged, context)
         if study is not None:
             parsed[str(name)] = study
+        for problem in study_problems:
+            attributed = _attribute_to_defaults(problem, str(name), entry, defaults)
+            if attributed not in problems:
+                problems.append(attributed)
     if problems:
         raise ConfigError(source, problems)
     return StudiesFile(path=base_dir / Path(source).name, studies=parsed)
+
+
+def _attribute_to_defaults(
+    problem: str, name: str, entry: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> str:
+    """Report a problem under ``defaults.`` when the offending key comes from that block.
+
+    Each study is validated after merging ``defaults`` into it, so without this a mistake
+    in ``defaults`` would be reported once per study, under keys the user never wrote there.
+    """
+    prefix = f"studies.{name}."
+    key_path, separator, message = problem.partition(": ")
+    if not separator or not key_path.startswith(prefix):
+        return problem
+    keys = key_path[len(prefix):].split(".")
+    in_entry, in_defaults = entry, defaults
+    for key in keys:
+        if isinstance(in_entry, Mapping) and key in in_entry:
+            in_entry = in_entry[key]
+            in_defaults = in_defaults.get(key) if isinstance(in_defaults, Mapping) else None
+            continue
+        if isinstance(in_defaults, Mapping) and key in in_defaults:
+            return f"defaults.{'.'.join(keys)}: {message}"
+        return problem
+    return problem
 
 
 def apply_overrides(study: StudyConfig, overrides: Overrides, *, base_dir: Path) -> StudyConfig:
@@ -341,7 +377,11 @@ def apply_overrides(study: StudyConfig, overrides: Overrides, *, base_dir: Path)
     if cache_dir:
         changes["cache_dir"] = cache_dir.resolve()
     if device:
-        changes["device"] = device
+        try:
+            changes["device"] = _device(device)
+        except _Invalid as error:
+            source = "--device" if overrides.device else "GENRE_SEARCH_DEVICE"
+            raise ConfigError(source, [str(error)]) from None
     if overrides.n_trials is not None:
         changes["n_trials"] = overrides.n_trials
     if overrides.timeout is not None:
@@ -411,8 +451,8 @@ def _parse_study(name: str, entry: Mapping[str, Any], context: _Context) -> Stud
         metric=metric,
         n_trials=_field(entry, "n_trials", context, _optional(_integer(minimum=1)), None),
         timeout=_field(entry, "timeout", context, _optional(_number(minimum=0.0, exclusive=True)), None),
-        storage=_field(entry, "storage", context, _database_url, "sqlite:///genre-search.db"),
-        tracking_uri=_field(entry, "tracking_uri", context, _database_url, "sqlite:///mlflow.db"),
+        storage=_field(entry, "storage", context, _storage_url, "sqlite:///genre-search.db"),
+        tracking_uri=_field(entry, "tracking_uri", context, _tracking_uri, "sqlite:///mlflow.db"),
         experiment_name=_field(entry, "experiment_name", context, _string, name),
         cache_dir=_field(entry, "cache_dir", context, _path, Path(".genre-search/cache")),
         device=_field(entry, "device", context, _device, "auto"),
@@ -421,12 +461,89 @@ def _parse_study(name: str, entry: Mapping[str, Any], context: _Context) -> Stud
         ),
         raw=_plain(entry),
     )
+    if len(context.problems) == n_before:
+        _check_frequencies(values["dataset"], values["features"], context.child("features"))
+        _check_architectures(values["search_space"], values["features"].n_mels,
+                             context.child("search_space").child("architectures"))
+        _check_fatal_errors(values["training"].fatal_errors,
+                            context.child("training").child("fatal_errors"))
     if len(context.problems) > n_before:
         return None
     values["storage"] = resolve_database_url(values["storage"], base_dir=context.base_dir)
     values["tracking_uri"] = resolve_database_url(values["tracking_uri"], base_dir=context.base_dir)
     values["cache_dir"] = _absolute(values["cache_dir"], context.base_dir)
     return StudyConfig(**values)
+
+
+def _check_frequencies(dataset: DatasetConfig, features: FeatureConfig, context: _Context) -> None:
+    nyquist = dataset.sample_rate / 2
+    if features.f_max is not None and features.f_max > nyquist:
+        context.child("f_max").report(
+            f"f_max={features.f_max:g} Hz is above half the sample rate "
+            f"(dataset.sample_rate={dataset.sample_rate}, so at most {nyquist:g} Hz). "
+            f"Lower f_max or remove it to use {nyquist:g} Hz."
+        )
+    if features.f_min >= nyquist:
+        context.child("f_min").report(
+            f"f_min={features.f_min:g} Hz is not below half the sample rate "
+            f"({nyquist:g} Hz for dataset.sample_rate={dataset.sample_rate}). Lower f_min."
+        )
+
+
+def _check_architectures(space: SearchSpace, n_mels: int, context: _Context) -> None:
+    """Build each family's model at every extreme of its ranges, so that values the model
+    rejects (a depth that pools the mel axis away, a layer count of 0) fail at load time."""
+    from models import build_model
+
+    for family, specs in space.architectures.items():
+        for spec in specs:
+            for value in _extreme_values(spec):
+                try:
+                    build_model(family, n_classes=2, n_mels=n_mels, params={spec.name: value})
+                except (ValueError, TypeError) as error:
+                    context.child(family).child(spec.name).report(
+                        f"{spec.name}={value!r} is rejected by the {family} model with "
+                        f"features.n_mels={n_mels}: {error} Narrow the range or the choices."
+                    )
+                    break
+
+
+def _extreme_values(spec: ParamSpec) -> tuple[Any, ...]:
+    if spec.kind == "categorical":
+        return spec.choices
+    if spec.kind == "fixed":
+        return (spec.value,)
+    if spec.kind in ("int", "float"):
+        return (spec.low, spec.high)
+    return ()
+
+
+def _check_fatal_errors(names: tuple[str, ...], context: _Context) -> None:
+    known = _exception_names()
+    for name in names:
+        if name not in known:
+            suggestion = _closest(name, known)
+            hint = f"Did you mean `{suggestion}`?" if suggestion else (
+                "Use the class name of a built-in, torch or genre-search exception, "
+                "e.g. NonFiniteLossError or OutOfMemoryError.")
+            context.report(f"fatal_errors entry {name!r} is not a known exception class. {hint}")
+
+
+def _exception_names() -> set[str]:
+    import builtins
+
+    import torch
+
+    import features
+    from search import training
+
+    names: set[str] = set()
+    for module in (builtins, torch, features, training):
+        for attribute in dir(module):
+            value = getattr(module, attribute, None)
+            if isinstance(value, type) and issubclass(value, BaseException):
+                names.add(attribute)
+    return names
 
 
 def _parse_dataset(entry: Any, context: _Context) -> DatasetConfig:
@@ -561,6 +678,10 @@ _SAMPLER_OPTIONS = {
     "random": {},
     "cmaes": {"n_startup_trials": int, "sigma0": float, "restart_strategy": str},
 }
+# Smallest values Optuna accepts for integer options; the others accept 0.
+_OPTION_MINIMUMS = {"min_resource": 1, "max_resource": 1, "reduction_factor": 2,
+                    "interval_steps": 1}
+
 _PRUNER_OPTIONS = {
     "median": {"n_startup_trials": int, "n_warmup_steps": int, "interval_steps": int},
     "successive_halving": {"min_resource": int, "reduction_factor": int,
@@ -602,7 +723,9 @@ def _parse_options(
                 f"unknown option for name={entry.get('name')!r}. Allowed options: {names}."
             )
             continue
-        parser = {int: _integer(minimum=0), float: _number(), bool: _boolean, str: _string}
+        minimum = _OPTION_MINIMUMS.get(key, 0)
+        parser = {int: _integer(minimum=minimum), float: _number(), bool: _boolean,
+                  str: _string}
         options[key] = _field(entry, key, context, parser[allowed[key]], None)
     return options
 
@@ -687,6 +810,8 @@ def _check_common_values(common: list[ParamSpec], context: _Context) -> None:
 
 
 def _spec_values(spec: ParamSpec) -> tuple[Any, ...]:
+    if spec.kind == "invalid":
+        return ()  # Its problem is already reported.
     if spec.kind == "fixed":
         return (spec.value,)
     if spec.kind == "categorical":
@@ -735,7 +860,7 @@ def _parse_param(name: str, value: Any, context: _Context) -> ParamSpec:
         kind = "categorical" if "choices" in value else _infer_range_type(value)
     if kind not in ("float", "int", "categorical"):
         context.child("type").report(f"type={kind!r} is not one of float, int, categorical.")
-        return ParamSpec(name=name, kind="fixed", value=None)
+        return ParamSpec(name=name, kind="invalid")
     if kind == "categorical":
         return _parse_categorical(name, value, context)
     return _parse_range(name, kind, value, context)
@@ -757,7 +882,7 @@ def _parse_categorical(name: str, value: Mapping[str, Any], context: _Context) -
         context.child("choices").report(
             f"choices={_show(choices)} must be a non-empty list, e.g. `choices: [16, 32]`."
         )
-        return ParamSpec(name=name, kind="fixed", value=None)
+        return ParamSpec(name=name, kind="invalid")
     for choice in choices:
         if not isinstance(choice, (bool, int, float, str)) or choice is None:
             context.child("choices").report(
@@ -777,13 +902,18 @@ def _parse_range(name: str, kind: str, value: Mapping[str, Any], context: _Conte
     if "choices" in value:
         context.child("choices").report("`choices` cannot be combined with `low`/`high`. Remove one.")
     if low is None or high is None:
-        return ParamSpec(name=name, kind="fixed", value=None)
+        return ParamSpec(name=name, kind="invalid")
     if low > high:
         context.report(f"empty range: low={low!r} is above high={high!r}. Swap them.")
     if log and low <= 0:
         context.child("low").report(
             f"low={low!r} with log: true; a log-scale range needs low > 0. "
             f"Use a positive lower bound such as 1.0e-5, or log: false."
+        )
+    if step is not None and low is not None and high is not None and step > high - low > 0:
+        context.child("step").report(
+            f"step={step!r} is larger than the range {low!r} to {high!r}, so only low would "
+            f"ever be sampled. Use a step of at most {high - low:g}, or remove it."
         )
     if log and step is not None:
         context.child("step").report("step cannot be combined with log: true (Optuna forbids it). "
@@ -919,16 +1049,26 @@ def _device(value: Any) -> str:
     return value
 
 
-def _database_url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected a URL string, got {_show(value)}.")
-    if _has_literal_password(value):
-        raise _Invalid(
-            f"value={redact_url(value)!r} contains a password in clear. Keep secrets out of "
-            f"studies.yaml: write `${{DB_PASSWORD}}` in its place and set that environment "
-            f"variable, use PGPASSWORD or ~/.pgpass, or set GENRE_SEARCH_STORAGE."
-        )
-    return value
+def _database_url(variable: str, password_hint: str) -> _Parser:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(f"expected a URL string, got {_show(value)}.")
+        if _has_literal_password(value):
+            raise _Invalid(
+                f"value={redact_url(value)!r} contains a password in clear. Keep secrets out "
+                f"of studies.yaml: write `${{DB_PASSWORD}}` in its place and set that "
+                f"environment variable, {password_hint}, or set {variable}."
+            )
+        return value
+
+    return parse
+
+
+_storage_url = _database_url("GENRE_SEARCH_STORAGE", "use PGPASSWORD or ~/.pgpass")
+_tracking_uri = _database_url(
+    "GENRE_SEARCH_TRACKING_URI",
+    "use MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an HTTP server",
+)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from torch import nn
 from features import FeatureSet, Splits
 
 
+class DeviceError(ValueError):
+    """The requested training device is invalid or not available on this machine."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
@@ -315,7 +319,7 @@ def resolve_device(name: str) -> torch.device:
     """Turn ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` into an available device.
 
     Raises:
-        ValueError: The device does not exist on this machine.
+        DeviceError: The name is invalid or the device does not exist on this machine.
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -323,17 +327,20 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"device={name!r} is invalid. Use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} requested but CUDA is not available here. "
+            raise DeviceError(f"device={name!r} requested but CUDA is not available here. "
                              f"Use --device cpu or --device auto.")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r} does not exist: this machine has "
+            raise DeviceError(f"device={name!r} does not exist: this machine has "
                              f"{torch.cuda.device_count()} GPU(s), cuda:0 to "
                              f"cuda:{torch.cuda.device_count() - 1}.")
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r} requested but MPS is not available. Use --device cpu.")
+        raise DeviceError(f"device={name!r} requested but MPS is not available. Use --device cpu.")
     return device

@@ -29,24 +29,25 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # Each row: the change to the tiny study's defaults or study entry, then the texts that the
-# message must contain: the key path, the offending value and the fix.
+# message must contain: the key path, the offending value and the fix. A mistake in the
+# defaults block is reported under `defaults.`, where the user wrote it.
 _BAD_STUDIES: list[tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]] = [
     ("unknown_key", {}, {"epochz": 3},
      ("studies.tiny.epochz", "unknown key", "Did you mean `epochs`")),
     ("wrong_type", {}, {"n_trials": "many"},
      ("studies.tiny.n_trials", "'many'", "integer")),
     ("min_above_max", {"search_space": {"dropout": {"low": 0.5, "high": 0.1}}}, {},
-     ("studies.tiny.search_space.dropout", "low=0.5", "Swap them")),
+     ("defaults.search_space.dropout", "low=0.5", "Swap them")),
     ("log_non_positive", {"search_space": {"learning_rate": {"low": 0.0, "high": 0.1}}}, {},
-     ("studies.tiny.search_space.learning_rate.low", "low=0.0", "log: false")),
+     ("defaults.search_space.learning_rate.low", "low=0.0", "log: false")),
     ("empty_choices", {"search_space": {"optimizer": {"choices": []}}}, {},
-     ("studies.tiny.search_space.optimizer.choices", "choices=[]", "non-empty list")),
+     ("defaults.search_space.optimizer.choices", "choices=[]", "non-empty list")),
     ("unknown_family", {"search_space": {"family": {"choices": ["transformer"]}}}, {},
-     ("studies.tiny.search_space.family", "'transformer'", "Known families: cnn")),
+     ("defaults.search_space.family", "'transformer'", "Known families: cnn")),
     ("unknown_sampler", {"sampler": {"name": "bayes"}}, {},
-     ("studies.tiny.sampler.name", "'bayes'", "tpe, random")),
+     ("defaults.sampler.name", "'bayes'", "tpe, random")),
     ("unknown_pruner", {"pruner": {"name": "sometimes"}}, {},
-     ("studies.tiny.pruner.name", "'sometimes'", "median")),
+     ("defaults.pruner.name", "'sometimes'", "median")),
     ("training_not_mapping", {}, {"training": True},
      ("studies.tiny.training", "got True", "training: {epochs: 10}")),
 ]

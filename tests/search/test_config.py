@@ -212,3 +212,69 @@ def test_split_lists_need_train_and_valid() -> None:
 def test_redact_url_hides_only_the_password() -> None:
     redacted = redact_url("postgresql+psycopg://user:pa:ss@host:5432/db")
     assert redacted == "postgresql+psycopg://user:***@host:5432/db"
+
+
+def test_f_max_above_nyquist_is_rejected() -> None:
+    study = minimal_study(features={"f_max": 11025.0},
+                          dataset={"path": "audio", "sample_rate": 16000})
+    message = problems_of(study)
+    assert "studies.s.features.f_max" in message
+    assert "at most 8000 Hz" in message
+
+
+def test_architecture_value_the_model_rejects_fails_at_load() -> None:
+    study = minimal_study()
+    study["search_space"]["architectures"] = {"cnn": {"n_conv_layers": {"low": 2, "high": 12}}}
+    message = problems_of(study)
+    # Twelve halvings would pool 96 mel bands away; the range is rejected before any trial.
+    assert "studies.s.search_space.architectures.cnn.n_conv_layers" in message
+    assert "n_conv_layers=12" in message
+
+
+def test_step_larger_than_range_is_rejected() -> None:
+    study = minimal_study()
+    study["search_space"]["dropout"] = {"low": 0.0, "high": 0.4, "step": 0.7}
+    message = problems_of(study)
+    assert "studies.s.search_space.dropout.step" in message
+    assert "step=0.7 is larger than the range" in message
+
+
+def test_unknown_fatal_error_name_is_rejected() -> None:
+    message = problems_of(minimal_study(training={"fatal_errors": ["MemoryEror"]}))
+    assert "studies.s.training.fatal_errors" in message
+    assert "Did you mean `MemoryError`?" in message
+
+
+def test_known_fatal_error_names_are_accepted() -> None:
+    study = parse(minimal_study(training={"fatal_errors": ["OutOfMemoryError",
+                                                            "NonFiniteLossError"]}))
+    assert study.training.fatal_errors == ("OutOfMemoryError", "NonFiniteLossError")
+
+
+def test_hyperband_min_resource_zero_is_rejected() -> None:
+    message = problems_of(minimal_study(pruner={"name": "hyperband", "min_resource": 0}))
+    assert "studies.s.pruner.min_resource" in message
+
+
+def test_mistake_in_defaults_is_reported_once_under_defaults() -> None:
+    document = {
+        "defaults": {"sampler": {"name": "grid"}},
+        "studies": {"a": minimal_study(), "b": minimal_study()},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_studies(document, base_dir=Path("/project"))
+    # One problem, at the key the user wrote, not one per study.
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("defaults.sampler.name:")
+
+
+def test_studies_as_list_says_mapping_expected() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_studies({"studies": ["demo"]}, base_dir=Path("/project"))
+    assert "must be a mapping of study names" in str(caught.value)
+
+
+def test_tracking_password_hint_names_tracking_variable() -> None:
+    message = problems_of(minimal_study(tracking_uri="http://bob:s3cret@mlflow:5000"))
+    assert "GENRE_SEARCH_TRACKING_URI" in message
+    assert "s3cret" not in message
