@@ -58,10 +58,16 @@ def load_audio(path: str | os.PathLike[str], *, sample_rate: int) -> np.ndarray:
 
 def _decode(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     """Read all frames as float32 ``(frames, channels)`` and the file's sample rate."""
+    # libsndfile reports a missing file or a folder only as "System error".
+    if not os.path.exists(path):
+        raise AudioDecodeError(f"file not found: {os.fspath(path)!r}. Check the path.")
+    if os.path.isdir(path):
+        raise AudioDecodeError(f"{os.fspath(path)!r} is a directory, not an audio file. "
+                               f"Pass the audio files inside it.")
     try:
         samples, file_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, EOFError, ValueError) as error:
-        # libsndfile reports missing files, empty files and bad headers alike as errors,
+        # libsndfile reports empty files, unreadable files and bad headers alike as errors,
         # and its message (e.g. "Format not recognised") is the most precise reason available.
         raise AudioDecodeError(f"cannot decode audio file {os.fspath(path)!r}: {error}") from error
 

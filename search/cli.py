@@ -68,6 +68,18 @@ def configure_logging(verbosity: int) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+MLFLOW_PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def disable_mlflow_progress_bars() -> None:
+    """Turn off MLflow's "Downloading artifacts" bars unless the user set the variable.
+
+    MLflow 3.17 reads MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR at each artifact transfer and
+    draws its tqdm bars even when stderr is not a terminal.
+    """
+    os.environ.setdefault(MLFLOW_PROGRESS_BAR_VARIABLE, "false")
+
+
 def fail(message: str, *, code: int) -> NoReturn:
     """Print ``message`` as an error on stderr and exit with ``code``."""
     click.echo(f"Error: {message}", err=True)
@@ -356,6 +368,9 @@ def _run_study(config: StudyConfig, *, more_trials: int | None, progress: bool,
                set_target: bool) -> None:
     from search.runner import run_worker
 
+    if not progress:
+        disable_mlflow_progress_bars()
+
     def work() -> Any:
         if set_target and more_trials is None and config.n_trials is not None:
             already = _finished_trials(config)
@@ -371,8 +386,11 @@ def _run_study(config: StudyConfig, *, more_trials: int | None, progress: bool,
         return
     best = (f"best trial {result.best_trial_number}: {config.metric}={result.best_value:.4f}"
             if result.best_trial_number is not None else "no completed trial")
+    stopped = (f", stopped at the timeout of {config.timeout:g} s"
+               if result.stopped_at_timeout and config.timeout is not None else "")
     click.echo(f"Study {config.name!r}: ran {result.n_trials_run} trials in "
-               f"{result.seconds:.0f} s; {result.n_finished_in_study} finished in total; {best}.")
+               f"{result.seconds:.0f} s{stopped}; {result.n_finished_in_study} finished in "
+               f"total; {best}.")
     click.echo(f"Inspect: genre-search status {config.name}{_location_flags(config)}")
     click.echo(f"Compare: mlflow ui --backend-store-uri {_display_uri(config.tracking_uri)}")
 
@@ -505,6 +523,8 @@ def predict(model_uri: str, files: tuple[Path, ...], tracking_uri: str | None,
     from search.training import resolve_device
 
     run_guarded(lambda: resolve_device(device))
+    if not sys.stderr.isatty():
+        disable_mlflow_progress_bars()
     uri = tracking_uri or settings.TRACKING_URI.get() or os.environ.get("MLFLOW_TRACKING_URI")
     model = run_guarded(lambda: _load_model(model_uri, uri, device))
     n_failed = 0

@@ -8,6 +8,7 @@ and :class:`ConfigError` lists them all before anything runs or is written.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ METRICS = {"val_loss": "minimize", "val_accuracy": "maximize"}
 SPLIT_METHODS = ("random", "lists")
 COMMON_PARAMETERS = ("learning_rate", "batch_size", "dropout", "weight_decay", "optimizer")
 DEFAULT_COMMON_VALUES: dict[str, Any] = {"dropout": 0.0, "weight_decay": 0.0, "optimizer": "adam"}
+
+_logger = logging.getLogger(__name__)
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -519,14 +522,29 @@ def _extreme_values(spec: ParamSpec) -> tuple[Any, ...]:
 
 
 def _check_fatal_errors(names: tuple[str, ...], context: _Context) -> None:
+    """Reject misspelled exception names; accept other names, which may be the user's own.
+
+    A name that is not a built-in, torch or genre-search exception but is very close to one
+    is almost surely a typo, and a typo would silently make a fatal error non-fatal.
+    """
+    import difflib
+
     known = _exception_names()
     for name in names:
-        if name not in known:
-            suggestion = _closest(name, known)
-            hint = f"Did you mean `{suggestion}`?" if suggestion else (
-                "Use the class name of a built-in, torch or genre-search exception, "
-                "e.g. NonFiniteLossError or OutOfMemoryError.")
-            context.report(f"fatal_errors entry {name!r} is not a known exception class. {hint}")
+        if not name.isidentifier():
+            context.report(f"fatal_errors entry {name!r} is not a class name. Write the "
+                           f"exception's class name, e.g. OutOfMemoryError.")
+            continue
+        if name in known:
+            continue
+        typo = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.88)
+        if typo:
+            context.report(f"fatal_errors entry {name!r} is not a known exception class. "
+                           f"Did you mean `{typo[0]}`?")
+            continue
+        _logger.warning("%s: fatal_errors entry %r is not a built-in, torch or genre-search "
+                        "exception; it matches only an exception class of that name raised "
+                        "by your own code", context.path, name)
 
 
 def _exception_names() -> set[str]:

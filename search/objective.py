@@ -114,7 +114,7 @@ class Objective:
             if type(error).__name__ in self.fatal_errors:
                 raise
             raise TrialFailedError(f"trial {trial.number} failed: {type(error).__name__}: "
-                                   f"{error}") from error
+                                   f"{error} (traceback in MLflow run {run.run_id})") from error
         finally:
             _release_memory(self.device)
 

@@ -33,10 +33,11 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from features import LogMelSettings, LogMelSpectrogram, load_audio, segment_waveform
 from models import build_model
+from search._log_filters import drop_log_messages
 from search.config import StudyConfig
 from search.objective import TrialOutcome
 from search.study import PARENT_RUN_ATTR
-from search.tracking import StudyTracker, call_with_retry
+from search.tracking import StudyTracker, call_with_retry, check_tracking_server
 from search.training import TrialData
 
 _logger = logging.getLogger(__name__)
@@ -197,17 +198,22 @@ def save_classifier(
         "waveform": [[0.0] * round(INPUT_EXAMPLE_SECONDS * settings.sample_rate)],
         "sample_rate": [settings.sample_rate],
     })
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=GenreClassifier(),
-        artifacts={"classifier_config": str(staging / "classifier.json"),
-                   "state_dict": str(staging / "state_dict.pt"),
-                   "normalization": str(staging / "normalization.pt")},
-        signature=model_signature(classes),
-        input_example=example,
-        pip_requirements=_pip_requirements(),
-        model_config={"device": "cpu"},
-    )
+    # MLflow warns that a `python_model` object is pickled and that unpickling may run
+    # arbitrary code. The pickle holds only an empty GenreClassifier, whose class is
+    # imported from this installed package at load time, and the weights are separate
+    # `weights_only` torch files, so the warning has no action to take.
+    with drop_log_messages("mlflow.pyfunc", "Passing a Python object as `python_model`"):
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=GenreClassifier(),
+            artifacts={"classifier_config": str(staging / "classifier.json"),
+                       "state_dict": str(staging / "state_dict.pt"),
+                       "normalization": str(staging / "normalization.pt")},
+            signature=model_signature(classes),
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            model_config={"device": "cpu"},
+        )
     return path
 
 
@@ -236,7 +242,13 @@ def load_classifier(model_uri: str, *, tracking_uri: str | None = None,
 
     Returns:
         The loaded :class:`mlflow.pyfunc.PyFuncModel`.
+
+    Raises:
+        search.tracking.TrackingError: The http(s) tracking server that resolves a
+            ``models:/`` or ``runs:/`` URI does not respond within seconds.
     """
+    if tracking_uri is not None and model_uri.startswith(("models:/", "runs:/")):
+        check_tracking_server(tracking_uri)
     if model_uri.startswith("models:/") and tracking_uri is not None:
         model_uri = _registered_model_source(model_uri, tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)

@@ -16,13 +16,19 @@ import torch
 from tqdm import tqdm
 
 from search import settings
+from search._log_filters import install_optuna_trial_filter
 from search.config import StudyConfig, redact_text, redact_url
 from search.data import prepare_dataset
 from search.objective import Objective, SurplusTrialError, TrialFailedError, TrialOutcome
 from search.registry import ChampionRegistrar, chain_callbacks
 from search.study import create_storage, open_study
 from search.summary import refresh_parent_summary
-from search.tracking import RUN_ID_ATTR, StudyTracker, close_orphaned_run
+from search.tracking import (
+    RUN_ID_ATTR,
+    StudyTracker,
+    check_tracking_store,
+    close_orphaned_run,
+)
 from search.training import EpochResult, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ class WorkerResult:
     best_value: float | None
     best_trial_number: int | None
     seconds: float
+    stopped_at_timeout: bool = False
+    """Whether the worker stopped because the study's timeout passed, not at the target."""
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -104,6 +112,8 @@ def run_worker(
         features.DatasetError: The dataset is unusable.
     """
     started = time.monotonic()
+    # Interrupted and surplus trials get one line of ours instead of Optuna's traceback.
+    install_optuna_trial_filter((KeyboardInterrupt, SurplusTrialError))
     if not set_study_target:
         config = _with_worker_sampler_seed(config)
     device = resolve_device(config.device)
@@ -116,16 +126,18 @@ def run_worker(
         config.storage,
         on_failed_trial=lambda study, trial: _close_stale_run(tracker_holder, trial),
     )
+    check_tracking_store(config.tracking_uri)
+    # The data is checked before the study and its parent run exist, so a launch rejected
+    # for unusable data leaves nothing behind in the storage or the tracking store.
+    dataset = prepare_dataset(config, device=device, progress=progress)
+
     study = open_study(config, storage=storage)
     tracker = StudyTracker(config, study)
     tracker_holder.append(tracker)
-    tracker.check_connection()
     if set_study_target:
         target = set_target(study, config, more_trials=more_trials)
     else:
         target = count_finished(study) + more_trials if more_trials is not None else None
-
-    dataset = prepare_dataset(config, device=device, progress=progress)
     parent_run_id = tracker.mark_parent_running()
     _logger.info("study %r: storage %s, tracking %s, parent run %s, device %s%s, "
                  "%d torch threads", config.name, redact_url(config.storage),
@@ -143,9 +155,11 @@ def run_worker(
     registrar = ChampionRegistrar(config, tracker, objective.data, dataset.settings, device)
     objective.on_complete = chain_callbacks(registrar, on_complete)
     n_run = 0
+    timed_out = False
     status = "FINISHED"
     try:
-        n_run = _optimize_until_target(study, objective, config, current_target, started, bar)
+        n_run, timed_out = _optimize_until_target(study, objective, config, current_target,
+                                                  started, bar)
     except BaseException:
         status = "KILLED"
         raise
@@ -156,7 +170,7 @@ def run_worker(
     best_value, best_number = _best(study)
     return WorkerResult(n_trials_run=n_run, n_finished_in_study=count_finished(study),
                         best_value=best_value, best_trial_number=best_number,
-                        seconds=time.monotonic() - started)
+                        seconds=time.monotonic() - started, stopped_at_timeout=timed_out)
 
 
 def _with_worker_sampler_seed(config: StudyConfig) -> StudyConfig:
@@ -223,7 +237,12 @@ def _optimize_until_target(
     current_target: Callable[[], int | None],
     started: float,
     bar: _EpochBar,
-) -> int:
+) -> tuple[int, bool]:
+    """Run trials until the target is met or the timeout passes.
+
+    Returns:
+        The number of trials this worker ran, and whether it stopped at the timeout.
+    """
     n_run = 0
     states: list[optuna.trial.TrialState] = []
     while True:
@@ -234,7 +253,7 @@ def _optimize_until_target(
             break
         if config.timeout is not None and time.monotonic() - started >= config.timeout:
             _logger.info("study %r: timeout of %.0f s reached", config.name, config.timeout)
-            break
+            return n_run, True
         bar.start_trial(len(study.trials))
         study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
                        callbacks=[_log_trial, lambda _, trial: states.append(trial.state)],
@@ -247,7 +266,7 @@ def _optimize_until_target(
             continue
         n_run += 1
         _check_failure_streak(states, config)
-    return n_run
+    return n_run, False
 
 
 def _with_storage_retry(action: Callable[[], bool], *, what: str) -> bool:
@@ -322,10 +341,8 @@ def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     elif trial.state == optuna.trial.TrialState.PRUNED:
         _logger.info("trial %d pruned at epoch %s, %.1f s, run %s; %s", trial.number,
                      trial.last_step, duration, run_id, best)
-    elif trial.state == optuna.trial.TrialState.FAIL and RUN_ID_ATTR in trial.user_attrs:
-        _logger.warning("trial %d failed: %s (run %s)", trial.number,
-                        trial.system_attrs.get("fail_reason", "unknown error").splitlines()[0],
-                        run_id)
+    # A failed trial is not logged here: Optuna's own warning shows it with its traceback,
+    # and the TrialFailedError message in it names the MLflow run.
 
 
 def _short_params(params: dict[str, object]) -> str:

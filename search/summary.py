@@ -19,6 +19,7 @@ import optuna
 from mlflow import MlflowClient
 from torch import nn
 
+from search._log_filters import drop_log_messages
 from search.reports import trial_rows
 from search.tracking import StudyTracker, call_with_retry
 from search.training import TrialData, predict_logits
@@ -29,6 +30,8 @@ PLOTS_ARTIFACT_PATH = "plots"
 TRIALS_CSV = "trials.csv"
 CONFIG_YAML = "study_config.yaml"
 MIN_TRIALS_FOR_IMPORTANCE = 2
+_PARALLEL_COORDINATE_LOGGER = "optuna.visualization._parallel_coordinate"
+_MISSING_PARAMETERS_WARNING = "Your study has only completed trials with missing parameters"
 """Parameter importances need at least this many completed trials."""
 
 _PLOTS: dict[str, Callable[[optuna.Study], Any]] = {
@@ -73,7 +76,11 @@ def write_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
                          study.study_name, name)
             continue
         path = folder / f"{name}.html"
-        plot(study).write_html(str(path), include_plotlyjs=True, full_html=True)
+        # Parameters of one model family are missing from trials of another, which is
+        # expected in this search space; Optuna warns about it on every parallel plot.
+        with drop_log_messages(_PARALLEL_COORDINATE_LOGGER, _MISSING_PARAMETERS_WARNING):
+            figure = plot(study)
+        figure.write_html(str(path), include_plotlyjs=True, full_html=True)
         written.append(path)
     return written
 

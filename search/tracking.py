@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -31,6 +32,10 @@ ROLE_TAG = "genre_search.role"
 TRIAL_TAG = "genre_search.trial_number"
 MAX_TAG_LENGTH = 5000
 RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+PROBE_TIMEOUT_SECONDS = 5.0
+"""Connect and read timeout of each request that checks a tracking server before a study."""
+PROBE_RETRY_DELAYS_SECONDS = (1.0, 2.0)
+"""Pauses between the attempts to reach a tracking server before giving up."""
 
 _T = TypeVar("_T")
 
@@ -62,6 +67,95 @@ def _is_permanent(error: BaseException) -> bool:
     return code in {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
 
 
+def check_tracking_store(tracking_uri: str, *, client: MlflowClient | None = None) -> None:
+    """Check that the MLflow tracking store at ``tracking_uri`` responds.
+
+    An http(s) server is probed first with :func:`check_tracking_server`, so a closed port
+    fails within seconds. MLflow 3.17's default retries of a refused connection (7, with
+    backoff factor 2) take about 4 minutes.
+
+    Raises:
+        TrackingError: The store is unreachable; the message names the redacted URI.
+    """
+    check_tracking_server(tracking_uri)
+    client = client or MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # The REST and SQL stores raise unrelated types.
+        raise TrackingError(
+            f"cannot reach the MLflow tracking store at {redact_url(tracking_uri)}: "
+            f"{_first_line(error)}. {_START_SERVER_HINT}"
+        ) from None
+
+
+_START_SERVER_HINT = ("Start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`), "
+                      "or correct the URI: --tracking-uri, GENRE_SEARCH_TRACKING_URI or "
+                      "`tracking_uri:` in studies.yaml.")
+
+
+def check_tracking_server(tracking_uri: str) -> None:
+    """Probe an http(s) tracking server with short timeouts. Other URIs are not checked.
+
+    Sends ``GET <uri>/health``, then a one-experiment search of the REST API when
+    ``/health`` does not return 200 (a proxy may route the API only). Any HTTP response to
+    either means the server is up. Each request has a timeout of
+    :data:`PROBE_TIMEOUT_SECONDS` and no retries of its own; the probe is repeated after
+    each of :data:`PROBE_RETRY_DELAYS_SECONDS`. MLflow's own long retries still cover
+    outages during a study.
+
+    Raises:
+        TrackingError: No attempt got an HTTP response; the message names the redacted URI.
+    """
+    if urllib.parse.urlsplit(tracking_uri).scheme.lower() not in ("http", "https"):
+        return
+    _logger.info("connecting to tracking server %s", redact_url(tracking_uri))
+    for attempt, delay in enumerate((*PROBE_RETRY_DELAYS_SECONDS, None), start=1):
+        try:
+            _probe_server(tracking_uri)
+            return
+        except MlflowException as error:  # http_request wraps connection errors and timeouts.
+            reason = _first_line(_innermost_error(error))
+            if delay is None:
+                raise TrackingError(
+                    f"cannot reach the MLflow tracking server at {redact_url(tracking_uri)} "
+                    f"after {attempt} attempts with a {PROBE_TIMEOUT_SECONDS:.0f} s timeout "
+                    f"each: {reason}. {_START_SERVER_HINT}"
+                ) from None
+            _logger.warning("tracking server %s did not respond (attempt %d): %s; retrying in "
+                            "%.0f s", redact_url(tracking_uri), attempt, reason, delay)
+            time.sleep(delay)
+
+
+def _innermost_error(error: BaseException) -> BaseException:
+    """Return the root cause, such as urllib3's "Connection refused", behind MLflow's wrapper."""
+    current = error
+    for _ in range(10):  # Bounded, in case an exception chain loops.
+        inner = current.__cause__ or current.__context__ or getattr(current, "reason", None)
+        if not isinstance(inner, BaseException) and current.args:
+            inner = current.args[0]
+        if not isinstance(inner, BaseException):
+            return current
+        current = inner
+    return current
+
+
+def _probe_server(tracking_uri: str) -> None:
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    # The host credentials carry the user's TLS and authentication settings.
+    credentials = get_default_host_creds(tracking_uri)
+    request = {"method": "GET", "max_retries": 0, "backoff_factor": 0,
+               "timeout": PROBE_TIMEOUT_SECONDS, "raise_on_status": False}
+    response = http_request(credentials, "/health", **request)
+    if response.status_code == 200:
+        return
+    _logger.debug("tracking server %s: /health returned HTTP %d; trying the REST API",
+                  redact_url(tracking_uri), response.status_code)
+    http_request(credentials, "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                 **request)
+
+
 class StudyTracker:
     """Creates and finds the MLflow runs of one study.
 
@@ -79,15 +173,7 @@ class StudyTracker:
 
     def check_connection(self) -> None:
         """Raise :class:`TrackingError` naming the URI when the tracking store is unreachable."""
-        try:
-            self.client.search_experiments(max_results=1)
-        except Exception as error:  # The REST and SQL stores raise unrelated types.
-            raise TrackingError(
-                f"cannot reach the MLflow tracking store at {redact_url(self.config.tracking_uri)}: "
-                f"{_first_line(error)}. Start the server (e.g. `mlflow server --host 127.0.0.1 "
-                f"--port 5000`), check the URI, or set `tracking_uri:` / "
-                f"GENRE_SEARCH_TRACKING_URI."
-            ) from None
+        check_tracking_store(self.config.tracking_uri, client=self.client)
 
     @property
     def experiment_id(self) -> str:

@@ -38,7 +38,7 @@ from search.runner import (
     set_target,
 )
 from search.study import create_storage, open_study, study_exists
-from search.tracking import StudyTracker
+from search.tracking import StudyTracker, check_tracking_store
 from search.training import resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -350,18 +350,19 @@ class PreparedStudy:
 
 
 def prepare_study(config: StudyConfig, *, more_trials: int | None) -> PreparedStudy:
-    """Create the study, its trial target, its parent run and the feature cache.
+    """Build the feature cache, then create the study, its trial target and its parent run.
 
     Running this once before the workers start means no two workers create the parent run,
     write the synthetic dataset or extract the same features at the same time.
     """
     storage = create_storage(config.storage, heartbeat=False)
+    check_tracking_store(config.tracking_uri)
+    # Unusable data is rejected before the study and its parent run are created.
+    prepare_dataset(config, device=resolve_device("cpu"), progress=False)
     study = open_study(config, storage=storage)
     tracker = StudyTracker(config, study)
-    tracker.check_connection()
     target = set_target(study, config, more_trials=more_trials)
     parent_run_id = tracker.mark_parent_running()
-    prepare_dataset(config, device=resolve_device("cpu"), progress=False)
     _logger.info("study %r prepared: target %s finished trials (%d already), parent run %s",
                  config.name, target, count_finished(study), parent_run_id)
     return PreparedStudy(target=target, n_finished=count_finished(study),

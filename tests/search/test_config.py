@@ -278,3 +278,13 @@ def test_tracking_password_hint_names_tracking_variable() -> None:
     message = problems_of(minimal_study(tracking_uri="http://bob:s3cret@mlflow:5000"))
     assert "GENRE_SEARCH_TRACKING_URI" in message
     assert "s3cret" not in message
+
+
+def test_user_defined_fatal_error_is_accepted_with_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="search.config"):
+        study = parse(minimal_study(training={"fatal_errors": ["LabelMismatchError"]}))
+    # The user's own exception classes are allowed, with a note that nothing else matches.
+    assert study.training.fatal_errors == ("LabelMismatchError",)
+    assert "LabelMismatchError" in caplog.text
