@@ -26,7 +26,9 @@ from search.config import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDIES_FILE = REPO_ROOT / "studies.yaml"
 DATA_VARIABLES = ("GENRE_SEARCH_BENCH_DATA", "GENRE_SEARCH_TEST_DATA")
-REFERENCE_STUDY = "gtzan"
+# The peer comparison's study: a small CNN on one random segment per track and epoch.
+REFERENCE_FILE = REPO_ROOT / "bench" / "reference.yaml"
+REFERENCE_STUDY = "reference"
 
 
 def bench_data_root() -> Path:
@@ -61,6 +63,7 @@ def bench_study(
     pruner: bool = False,
     study_name: str = REFERENCE_STUDY,
     device: str = "cpu",
+    studies_file: Path = REFERENCE_FILE,
 ) -> StudyConfig:
     """Load the reference study and point its storage, tracking and cache into ``work_dir``.
 
@@ -72,8 +75,10 @@ def bench_study(
         family: Fix the model family to this one, or ``None`` to search the study's families.
         pruner: Keep the study's pruner; ``False`` replaces it with no pruning so every
             trial trains the same number of epochs.
-        study_name: Entry of ``studies.yaml`` to start from.
+        study_name: Entry of ``studies_file`` to start from.
         device: Device of the trials, ``cpu`` or ``cuda``.
+        studies_file: Studies file that contains ``study_name``; the bench-only
+            ``bench/reference.yaml`` by default, ``STUDIES_FILE`` for the shipped studies.
     """
     overrides = Overrides(
         n_trials=n_trials, device=device, data=data,
@@ -81,8 +86,8 @@ def bench_study(
         tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}",
         cache_dir=work_dir / "cache",
     )
-    config = apply_overrides(load_studies(STUDIES_FILE).get(study_name), overrides,
-                             base_dir=STUDIES_FILE.parent)
+    config = apply_overrides(load_studies(studies_file).get(study_name), overrides,
+                             base_dir=studies_file.parent)
     config = replace(config, training=replace(config.training, epochs=epochs))
     if family is not None:
         fixed = ParamSpec(name=config.search_space.family.name, kind="fixed", value=family)

@@ -1,10 +1,12 @@
 """Compare genre-search with the usual Optuna + MLflow + librosa DataLoader setup.
 
-Both sides run the same study definition (the ``gtzan`` entry of studies.yaml with the
-model family fixed to the CNN and pruning off), the same seeds, trials and epochs, on the
-same clips, each in a fresh process. Prints one table of figures and ratios.
+Both sides run the same study definition with pruning off. By default that is the
+``reference`` study of ``bench/reference.yaml``: a small CNN trained on one random 3 s
+segment per training track and epoch. Same seeds, trials, epochs and clips; each side
+runs in a fresh process. Prints one table of figures and ratios.
 
     python -m bench.bench_peer                 # 4 trials of 10 epochs on $GENRE_SEARCH_BENCH_DATA
+    python -m bench.bench_peer --study gtzan   # studies.yaml's gtzan study, CNN family
     python -m bench.bench_peer --quick         # 2 trials of 1 epoch, for the smoke test
 """
 
@@ -23,6 +25,9 @@ import optuna
 import torch
 
 from bench._common import (
+    REFERENCE_FILE,
+    REFERENCE_STUDY,
+    STUDIES_FILE,
     bench_data_root,
     bench_study,
     current_rss_mib,
@@ -53,6 +58,9 @@ def main() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default=REFERENCE_STUDY,
+                        help=f"study to compare: {REFERENCE_STUDY} (bench/reference.yaml, the "
+                             f"default) or an entry of studies.yaml such as gtzan")
     parser.add_argument("--trials", type=int, default=4, help="trials per side (default 4)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per trial (default 10)")
     parser.add_argument("--peer-workers", type=int, default=2,
@@ -70,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compare(data: Path, arguments: argparse.Namespace) -> None:
-    shared = ["--trials", str(arguments.trials), "--epochs", str(arguments.epochs),
+    shared = ["--study", arguments.study,
+              "--trials", str(arguments.trials), "--epochs", str(arguments.epochs),
               "--peer-workers", str(arguments.peer_workers), "--data", str(data),
               "--device", arguments.device]
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as scratch:
@@ -78,7 +87,7 @@ def _compare(data: Path, arguments: argparse.Namespace) -> None:
                                   Path(scratch) / f"{side}.json") for side in SIDES}
     facts = machine_facts()
     print(f"machine: {facts}")
-    print(f"study: gtzan, family cnn, no pruner, {arguments.trials} trials x "
+    print(f"study: {arguments.study}, family cnn, no pruner, {arguments.trials} trials x "
           f"{arguments.epochs} epochs, device {arguments.device}, data {data}")
     print(format_table(_rows(results["genre-search"], results["peer"])))
     _print_goals(results["genre-search"], results["peer"])
@@ -88,8 +97,10 @@ def _compare(data: Path, arguments: argparse.Namespace) -> None:
 
 def _run_one_side(side: str, data: Path, arguments: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as scratch:
+        studies_file = REFERENCE_FILE if arguments.study == REFERENCE_STUDY else STUDIES_FILE
         config = bench_study(Path(scratch), data=data, epochs=arguments.epochs,
-                             n_trials=arguments.trials, device=arguments.device)
+                             n_trials=arguments.trials, device=arguments.device,
+                             study_name=arguments.study, studies_file=studies_file)
         if side == "peer":
             return _run_peer(config, arguments.peer_workers)
         return _run_genre_search(config)

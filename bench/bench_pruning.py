@@ -2,7 +2,12 @@
 
     python -m bench.bench_pruning                 # demo study, 16 trials, studies.yaml epochs
     python -m bench.bench_pruning --study gtzan   # real clips from $GENRE_SEARCH_BENCH_DATA
+    python -m bench.bench_pruning --epochs 12 --pruner median \
+        --pruner-option n_startup_trials=2 --pruner-option n_warmup_steps=1
     python -m bench.bench_pruning --quick         # 3 trials of 2 epochs, for the smoke test
+
+Without ``--pruner`` the study's own pruner is used; ``--pruner-option`` replaces that
+pruner's options (integers only, as Optuna's pruners take them).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import optuna
 
 from bench._common import STUDIES_FILE, bench_data_root, bench_study, machine_facts, ratio
-from search.config import load_studies
+from search.config import PrunerConfig, load_studies
 
 
 def main() -> None:
@@ -58,8 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=None,
                         help="audio folder for studies with a dataset path [default: "
                              "$GENRE_SEARCH_BENCH_DATA, then $GENRE_SEARCH_TEST_DATA]")
+    parser.add_argument("--pruner", choices=("median", "successive_halving", "hyperband"),
+                        default=None, help="pruner of the pruned run [default: the study's]")
+    parser.add_argument("--pruner-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="integer option of --pruner, e.g. n_warmup_steps=1; repeatable")
     parser.add_argument("--quick", action="store_true", help="3 trials of 2 epochs")
     return parser
+
+
+def _pruner_config(arguments: argparse.Namespace, study: PrunerConfig) -> PrunerConfig:
+    """Return the pruner of the pruned run: the study's, or the one the flags name."""
+    if arguments.pruner is None and not arguments.pruner_option:
+        return study
+    options: dict[str, int] = {}
+    for text in arguments.pruner_option:
+        key, separator, value = text.partition("=")
+        if not separator or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--pruner-option {text!r} is not KEY=INTEGER. "
+                             f"Write it as e.g. n_warmup_steps=1.")
+        options[key] = int(value)
+    return PrunerConfig(name=arguments.pruner or study.name, options=options)
 
 
 def _run(arguments: argparse.Namespace, *, trials: int, epochs: int,
@@ -70,11 +93,10 @@ def _run(arguments: argparse.Namespace, *, trials: int, epochs: int,
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as scratch:
         config = bench_study(Path(scratch), data=_data(arguments), epochs=epochs,
                              n_trials=trials, family=None, pruner=pruner,
-                             study_name=arguments.study)
-        if arguments.quick:
-            config = replace(config, pruner=replace(
-                config.pruner, options={**config.pruner.options, "n_startup_trials": 1,
-                                        "n_warmup_steps": 0}) if pruner else config.pruner)
+                             study_name=arguments.study, studies_file=STUDIES_FILE)
+        if pruner:
+            config = replace(config, pruner=_quick_pruner(
+                _pruner_config(arguments, config.pruner), quick=arguments.quick))
         started = time.perf_counter()
         result = run_worker(config)
         seconds = time.perf_counter() - started
@@ -82,13 +104,21 @@ def _run(arguments: argparse.Namespace, *, trials: int, epochs: int,
                                   storage=create_storage(config.storage, heartbeat=False))
         finished = [trial for trial in study.trials if trial.state.is_finished()]
         return {
-            "pruner": config.pruner.name,
+            "pruner": f"{config.pruner.name} {dict(config.pruner.options)}",
             "direction": config.direction,
             "epochs": sum(len(trial.intermediate_values) for trial in finished),
             "pruned": sum(trial.state == optuna.trial.TrialState.PRUNED for trial in finished),
             "best": result.best_value if result.best_value is not None else float("nan"),
             "seconds": seconds,
         }
+
+
+def _quick_pruner(pruner: PrunerConfig, *, quick: bool) -> PrunerConfig:
+    # Three trials of two epochs: let the median pruner act from the second trial on.
+    if not quick or pruner.name != "median":
+        return pruner
+    return replace(pruner, options={**pruner.options, "n_startup_trials": 1,
+                                    "n_warmup_steps": 0})
 
 
 def _data(arguments: argparse.Namespace) -> Path | None:

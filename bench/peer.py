@@ -7,9 +7,11 @@ objective logs each epoch's metrics inside it with ``mlflow.log_metrics``. Model
 optimizers, search space, sampler, seeds and epochs are the ones genre-search uses, so
 the two differ only in how data and tracking are handled.
 
-To see the same number of examples per epoch as genre-search, a training track yields
-one random crop for each whole segment it contains (a 20 s clip gives 6 crops per
-epoch). Validation uses the same fixed, non-overlapping segments as genre-search.
+A training track yields as many random crops per epoch as genre-search trains on: one per
+whole segment it contains (a 20 s clip gives 6 crops per epoch), or
+``training.segments_per_track`` of them when the study sets it. With
+``segments_per_track: 1`` this is the usual form: one random 3 s crop of every training
+track per epoch. Validation uses the same fixed, non-overlapping segments as genre-search.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def build_items(config: StudyConfig) -> tuple[list[PeerItem], list[PeerItem], li
     """Return training items (random crops), validation items (fixed segments) and classes.
 
     The split is the one genre-search makes: ``split_random`` on the same tracks, fractions
-    and seed.
+    and seed. Each training track gives one random crop per whole segment, capped at
+    ``config.training.segments_per_track`` when that is set.
     """
     assert config.dataset.path is not None
     tracks = sorted(scan_folder(config.dataset.path), key=lambda track: track.track_id)
@@ -108,12 +111,15 @@ def build_items(config: StudyConfig) -> tuple[list[PeerItem], list[PeerItem], li
     classes = sorted({track.label for track in tracks})
     by_id = {track.track_id: track for track in tracks}
     segment = config.dataset.segment_seconds
+    per_track = config.training.segments_per_track
     train: list[PeerItem] = []
     valid: list[PeerItem] = []
     for track_id in splits.train:
         track = by_id[track_id]
         duration = soundfile.info(str(track.path)).duration
-        train += [_item(track, classes, duration, None)] * int(duration // segment)
+        n_segments = int(duration // segment)
+        n_crops = n_segments if per_track is None else min(per_track, n_segments)
+        train += [_item(track, classes, duration, None)] * n_crops
     for track_id in splits.valid:
         track = by_id[track_id]
         duration = soundfile.info(str(track.path)).duration

@@ -844,10 +844,12 @@ def _parse_architectures(
         context.report(f"must be a mapping of family name to parameters, got {_show(entry)}.")
         return {}
     for name in entry:
-        if name not in families:
+        # Blocks of known families that this study does not search are allowed, so that
+        # `defaults` can hold the ranges of every family.
+        if name not in model_families():
             context.child(str(name)).report(
-                f"family {name!r} is not among the searched families ({', '.join(families)}). "
-                f"Add it to `family.choices` or remove this block."
+                f"unknown model family {name!r}. Known families: "
+                f"{', '.join(model_families())}. Rename or remove this block."
             )
     architectures: dict[str, tuple[ParamSpec, ...]] = {}
     for family in families:

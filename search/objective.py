@@ -197,7 +197,12 @@ class Objective:
             if should_prune:
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
 
-        train_model(model, self.data, options, self.device, on_epoch=report)
+        # Dropout and other in-training randomness draw from torch's global generator:
+        # seed a fork of it, so a trial is repeatable and leaves the process state alone.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            train_model(model, self.data, options, self.device, on_epoch=report)
         assert progress.best is not None
         return self._metric(progress.best)
 

@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from typing import TypeVar
+
 import optuna
 import sqlalchemy.exc
 import torch
@@ -32,6 +34,7 @@ from search.tracking import (
 from search.training import EpochResult, resolve_device
 
 _logger = logging.getLogger(__name__)
+_Result = TypeVar("_Result")
 
 TARGET_ATTR = "target_n_trials"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -254,7 +257,8 @@ def _optimize_until_target(
         if config.timeout is not None and time.monotonic() - started >= config.timeout:
             _logger.info("study %r: timeout of %.0f s reached", config.name, config.timeout)
             return n_run, True
-        bar.start_trial(len(study.trials))
+        bar.start_trial(_with_storage_retry(
+            lambda: len(study.get_trials(deepcopy=False)), what="count trials"))
         study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
                        callbacks=[_log_trial, lambda _, trial: states.append(trial.state)],
                        gc_after_trial=False)
@@ -269,7 +273,7 @@ def _optimize_until_target(
     return n_run, False
 
 
-def _with_storage_retry(action: Callable[[], bool], *, what: str) -> bool:
+def _with_storage_retry(action: Callable[[], _Result], *, what: str) -> _Result:
     """Run a storage read again when the database dropped the connection it was using.
 
     ``pool_pre_ping`` only replaces connections that died while idle in the pool; one cut

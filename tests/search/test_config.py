@@ -288,3 +288,25 @@ def test_user_defined_fatal_error_is_accepted_with_warning(
     # The user's own exception classes are allowed, with a note that nothing else matches.
     assert study.training.fatal_errors == ("LabelMismatchError",)
     assert "LabelMismatchError" in caplog.text
+
+
+def test_block_of_unsearched_known_family_is_allowed() -> None:
+    study = minimal_study()
+    study["search_space"]["family"] = "cnn"
+    study["search_space"]["architectures"] = {"crnn": {"rnn_layers": {"low": 1, "high": 2}}}
+    # `defaults` may hold every family's ranges; a CNN-only study ignores the CRNN block.
+    assert parse(study).search_space.families() == ("cnn",)
+
+
+def test_block_of_unknown_family_is_rejected() -> None:
+    study = minimal_study()
+    study["search_space"]["architectures"] = {"cnnn": {}}
+    message = problems_of(study)
+    assert "studies.s.search_space.architectures.cnnn" in message
+    assert "unknown model family 'cnnn'" in message
+
+
+@pytest.mark.parametrize("value", [0, "one", True, 2.5])
+def test_invalid_segments_per_track_is_rejected(value: Any) -> None:
+    message = problems_of(minimal_study(training={"segments_per_track": value}))
+    assert "studies.s.training.segments_per_track" in message
