@@ -13,6 +13,7 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -156,6 +157,23 @@ def _probe_server(tracking_uri: str) -> None:
                  **request)
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Return where a new experiment stores artifacts for a local SQLite tracking store.
+
+    MLflow's client puts the artifacts of a SQLite store in ``./mlruns`` under the current
+    working folder, so a study launched from another folder would scatter them. They go to
+    ``mlartifacts/`` beside the database instead. A tracking server chooses its own
+    location, so other URIs return ``None``.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or tracking_uri.endswith(":memory:"):
+        return None
+    database = Path(tracking_uri[len(prefix):])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return (database.parent / "mlartifacts").resolve().as_uri()
+
+
 class StudyTracker:
     """Creates and finds the MLflow runs of one study.
 
@@ -194,7 +212,10 @@ class StudyTracker:
                 )
             return str(experiment.experiment_id)
         try:
-            return str(self.client.create_experiment(name, tags={STUDY_TAG: self.config.name}))
+            return str(self.client.create_experiment(
+                name, artifact_location=artifact_location(self.config.tracking_uri),
+                tags={STUDY_TAG: self.config.name},
+            ))
         except MlflowException:
             # Another worker created it between the lookup and the create.
             found = self.client.get_experiment_by_name(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def test_launch_trials_per_gpu_needs_gpus() -> None:
     ],
 )
 def test_launch_training_flags_reach_config(
-    monkeypatch: pytest.MonkeyPatch, flags: list[str], expected: tuple[bool, bool, bool]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str],
+    expected: tuple[bool, bool, bool],
 ) -> None:
     captured: dict[str, StudyConfig] = {}
 
@@ -82,8 +84,10 @@ def test_launch_training_flags_reach_config(
 
     # Only the study run is replaced, so the test sees the config the command resolved.
     monkeypatch.setattr(cli, "_run_study", capture)
-    result = CliRunner().invoke(cli.main, ["launch", "demo", "--config",
-                                           str(REPO_ROOT / "studies.yaml"), *flags])
+    # A copy keeps the storage that `launch` checks inside tmp_path.
+    config = tmp_path / "studies.yaml"
+    shutil.copy(REPO_ROOT / "studies.yaml", config)
+    result = CliRunner().invoke(cli.main, ["launch", "demo", "--config", str(config), *flags])
     assert result.exit_code == 0, result.output
     training = captured["config"].training
     # mixed_precision, channels_last and compile follow the flags.

@@ -73,3 +73,19 @@ def test_second_launch_on_running_sqlite_study_exits_2(studies_file: Path) -> No
     assert "PostgreSQL" in result.output
     # No second trial was started.
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 1
+
+
+def test_launch_writes_nothing_in_working_folder(
+    studies_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    result = CliRunner().invoke(main, ["launch", "tiny", "--config", str(studies_file),
+                                       "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    # Storage, tracking store, artifacts and cache all live beside studies.yaml.
+    assert list(elsewhere.iterdir()) == []
+    assert (studies_file.parent / "mlartifacts").is_dir()
