@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -405,3 +406,33 @@ def chain_callbacks(
             callback(outcome)
 
     return call_all
+
+
+class BackgroundCallback:
+    """Runs a trial callback on one background thread, in the order trials complete.
+
+    Logging and registering a champion's model takes longer than a short trial's epochs,
+    so it runs beside the next trial instead of before it. One thread keeps the champion
+    comparisons in order.
+
+    Args:
+        callback: The callback to run, such as a :class:`ChampionRegistrar`.
+    """
+
+    def __init__(self, callback: Callable[[TrialOutcome], None]) -> None:
+        self.callback = callback
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="champion")
+        self._futures: list[Future[None]] = []
+
+    def __call__(self, outcome: TrialOutcome) -> None:
+        self._futures.append(self._executor.submit(self.callback, outcome))
+
+    def wait(self) -> None:
+        """Block until every submitted call has finished, logging any error it raised."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            try:
+                future.result()
+            except Exception as error:  # A side feature; the study's results are stored.
+                _logger.warning("background trial callback failed: %s", error, exc_info=True)
+        self._executor.shutdown(wait=True)

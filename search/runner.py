@@ -22,7 +22,7 @@ from search._log_filters import install_optuna_trial_filter
 from search.config import StudyConfig, redact_text, redact_url
 from search.data import prepare_dataset
 from search.objective import Objective, SurplusTrialError, TrialFailedError, TrialOutcome
-from search.registry import ChampionRegistrar, chain_callbacks
+from search.registry import BackgroundCallback, ChampionRegistrar, chain_callbacks
 from search.study import create_storage, open_study
 from search.summary import refresh_parent_summary
 from search.tracking import (
@@ -155,7 +155,8 @@ def run_worker(
     bar = _EpochBar(config.training.epochs, enabled=progress)
     objective = Objective(config, dataset, tracker, device, target_trials=current_target,
                           on_complete=on_complete, on_epoch=bar.update)
-    registrar = ChampionRegistrar(config, tracker, objective.data, dataset.settings, device)
+    registrar = BackgroundCallback(
+        ChampionRegistrar(config, tracker, objective.data, dataset.settings, device))
     objective.on_complete = chain_callbacks(registrar, on_complete)
     n_run = 0
     timed_out = False
@@ -168,6 +169,7 @@ def run_worker(
         raise
     finally:
         bar.close()
+        registrar.wait()
         _finish_parent_run(tracker, study, status)
 
     best_value, best_number = _best(study)

@@ -13,6 +13,7 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -325,14 +326,18 @@ def summarize_best_trial(study: optuna.Study) -> tuple[dict[str, str], dict[str,
 class TrialRun:
     """The child run of one trial.
 
-    Per-epoch metrics are logged asynchronously, so a slow tracking server does not hold up
-    training; :meth:`finish` waits for them before ending the run.
+    Per-epoch metrics are logged from a background thread, so a slow tracking server does
+    not hold up training; :meth:`finish` waits for them before ending the run. The thread
+    is our own rather than MLflow's asynchronous logging, because ending a run that used
+    MLflow's queue shuts the queue down, which took about 0.5 s per trial (MLflow 3.17).
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
-        self._pending: list[Any] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+        self._pending: list[Future[None]] = []
+        self._failed: list[Metric] = []
         self.finished = False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -347,9 +352,17 @@ class TrialRun:
         """Queue one epoch's metrics with ``step=epoch``."""
         timestamp = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp, epoch) for key, value in metrics.items()]
-        operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-        if operation is not None:
-            self._pending.append((operation, batch))
+        self._pending.append(self._executor.submit(self._log_metrics, batch))
+
+    def _log_metrics(self, batch: list[Metric]) -> None:
+        try:
+            call_with_retry(lambda: self.client.log_batch(self.run_id, metrics=batch),
+                            what="log epoch metrics")
+        except (MlflowException, OSError) as error:
+            # Kept and sent again when the run ends, e.g. after a tracking server outage.
+            _logger.warning("run %s: epoch metrics could not be logged (%s); sending them "
+                            "again when the trial ends", self.run_id, _first_line(error))
+            self._failed.extend(batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags on the run (long values are truncated to MLflow's limit)."""
@@ -359,13 +372,11 @@ class TrialRun:
     def flush(self) -> None:
         """Wait until every queued metric is stored."""
         pending, self._pending = self._pending, []
-        for operation, batch in pending:
-            try:
-                operation.wait()
-            except Exception as error:  # The async queue gave up, e.g. during a server outage.
-                _logger.warning("run %s: queued metrics could not be logged (%s); sending them "
-                                "again", self.run_id, _first_line(error))
-                self._resend(batch)
+        for future in pending:
+            future.result()
+        failed, self._failed = self._failed, []
+        if failed:
+            self._resend(failed)
 
     def _resend(self, batch: list[Metric]) -> None:
         try:
@@ -397,6 +408,7 @@ class TrialRun:
         if self.finished:
             return
         self.flush()
+        self._executor.shutdown(wait=True)
         timestamp = int(time.time() * 1000)
         all_tags = dict(tags or {})
         if error is not None:
