@@ -40,6 +40,8 @@ TARGET_ATTR = "target_n_trials"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 WORKER_INDEX_ENV = "GENRE_SEARCH_WORKER_INDEX"
 """Set by ``launch --workers/--gpus`` for each worker process: its index, from 0."""
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
+"""Errors of a storage call that a dropped database connection causes."""
 POLL_SECONDS = 2.0
 STORAGE_RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0)
 MAX_CONSECUTIVE_FAILURES = 5
@@ -250,8 +252,9 @@ def _optimize_until_target(
     """
     n_run = 0
     states: list[optuna.trial.TrialState] = []
+    storage_failures = 0
     while True:
-        target = current_target()
+        target = _with_storage_retry(current_target, what="read the trial target")
         if target is not None and not _with_storage_retry(
                 functools.partial(_needs_more_trials, study, target),
                 what="count finished trials"):
@@ -261,9 +264,23 @@ def _optimize_until_target(
             return n_run, True
         bar.start_trial(_with_storage_retry(
             lambda: len(study.get_trials(deepcopy=False)), what="count trials"))
-        study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
-                       callbacks=[_log_trial, lambda _, trial: states.append(trial.state)],
-                       gc_after_trial=False)
+        try:
+            study.optimize(objective, n_trials=1, catch=(TrialFailedError, SurplusTrialError),
+                           callbacks=[_log_trial, lambda _, trial: states.append(trial.state)],
+                           gc_after_trial=False)
+        except STORAGE_ERRORS as error:
+            # The database dropped a connection inside Optuna's own bookkeeping (creating
+            # or telling a trial). A trial left RUNNING goes stale and is retried.
+            if storage_failures >= len(STORAGE_RETRY_DELAYS_SECONDS):
+                raise
+            delay = STORAGE_RETRY_DELAYS_SECONDS[storage_failures]
+            storage_failures += 1
+            _logger.warning("storage call failed during a trial (attempt %d): %s; going on "
+                            "in %.0f s", storage_failures,
+                            redact_text(str(error)).splitlines()[0][:300], delay)
+            time.sleep(delay)
+            continue
+        storage_failures = 0
         if objective.surplus:
             # Other workers claimed the remaining trials first; wait for them (or for their
             # trials to go stale and be re-queued) in the next iteration.
@@ -284,7 +301,7 @@ def _with_storage_retry(action: Callable[[], _Result], *, what: str) -> _Result:
     for attempt, delay in enumerate((*STORAGE_RETRY_DELAYS_SECONDS, None), start=1):
         try:
             return action()
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as error:
+        except STORAGE_ERRORS as error:
             if delay is None:
                 raise
             _logger.warning("storage call failed (%s, attempt %d): %s; retrying in %.0f s",
