@@ -296,7 +296,7 @@ def test_killed_worker_trial_is_retried(tmp_path: Path, database: tuple[str, str
 
 def test_sigterm_stops_worker(tmp_path: Path, database: tuple[str, str],
                               tracking_uri: str) -> None:
-    setup = _setup(tmp_path, database, tracking_uri, epochs=40, n_trials=3)
+    setup = _setup(tmp_path, database, tracking_uri, epochs=40, n_trials=20)
     worker = setup.start("worker", "tiny")
     _wait_for_running(setup, 1, worker)
     time.sleep(1.0)  # Let the trial start its epochs.
@@ -321,7 +321,8 @@ def test_sigterm_stops_worker(tmp_path: Path, database: tuple[str, str],
 
 def test_sigint_to_launch_stops_workers(tmp_path: Path, database: tuple[str, str],
                                         tracking_uri: str) -> None:
-    setup = _setup(tmp_path, database, tracking_uri, epochs=40, n_trials=4)
+    # A target far above what runs before the signal, so both workers are still busy.
+    setup = _setup(tmp_path, database, tracking_uri, epochs=40, n_trials=40)
     launch = setup.start("launch", "tiny", "--workers", "2")
     _wait_for_running(setup, 2, launch)
     launch.send_signal(signal.SIGINT)
