@@ -87,6 +87,7 @@ class Objective:
         self.data = prepare_data(dataset.feature_set, dataset.splits, device)
         self.fatal_errors = frozenset(config.training.fatal_errors)
         self.surplus = False
+        self.current_run: TrialRun | None = None
         # Seconds per epoch spent in MLflow logging and Optuna report/should_prune, by trial
         # number; the benchmarks read it.
         self.tracking_seconds: dict[int, list[float]] = {}
@@ -96,6 +97,7 @@ class Objective:
         params = suggest_params(trial, self.config.search_space)
         seed = self.config.training.seed + trial.number
         run = self.tracker.start_trial(trial, self._run_params(params, seed))
+        self.current_run = run
         progress = _Progress()
         completed = False
         try:
@@ -132,6 +134,19 @@ class Objective:
                 history=progress.history, state_dict=progress.best_state, run_id=run.run_id,
             ))
         return value
+
+    def close_current_run(self, status: str = "KILLED") -> None:
+        """End the latest trial's run if an interrupt left it open, e.g. between epochs'
+        bookkeeping and the run's own ``finish``."""
+        run = self.current_run
+        if run is None or run.finished:
+            return
+        try:
+            run.finish(status, params={"state": "INTERRUPTED"})
+        except Exception as error:  # e.g. `state` was logged before the interrupt.
+            _logger.warning("run %s: closing after the interrupt failed (%s); ending it %s",
+                            run.run_id, error, status)
+            run.client.set_terminated(run.run_id, status=status)
 
     def _check_surplus(self, trial: optuna.Trial) -> None:
         target = self.target_trials()

@@ -168,6 +168,7 @@ def run_worker(
                                                   started, bar)
     except BaseException:
         status = "KILLED"
+        objective.close_current_run()
         raise
     finally:
         bar.close()

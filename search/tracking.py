@@ -280,9 +280,16 @@ class StudyTracker:
             tags={MLFLOW_PARENT_RUN_ID: parent_id, STUDY_TAG: self.config.name,
                   ROLE_TAG: "trial", TRIAL_TAG: str(trial.number)},
         ), what="create child run")
-        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         trial_run = TrialRun(self.client, run.info.run_id)
-        trial_run.log_params({"trial_number": trial.number, **params})
+        try:
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            trial_run.log_params({"trial_number": trial.number, **params})
+        except BaseException as error:
+            # The caller never receives this run, so close it here: a Ctrl-C or a storage
+            # error at this point would otherwise leave it RUNNING forever.
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            trial_run.finish(status, params={"state": "INTERRUPTED"}, error=error)
+            raise
         return trial_run
 
     def finish_study(self, status: str = "FINISHED") -> None:
