@@ -34,7 +34,7 @@ class SurplusTrialError(RuntimeError):
 
 @dataclass
 class TrialOutcome:
-    """What a finished trial leaves for callbacks such as model registration."""
+    """Result of a completed trial, passed to callbacks such as model registration."""
 
     trial_number: int
     params: TrialParams

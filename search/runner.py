@@ -55,7 +55,7 @@ class TrialsKeepFailingError(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerResult:
-    """What one worker did."""
+    """Summary of one worker's run."""
 
     n_trials_run: int
     n_finished_in_study: int
@@ -74,8 +74,8 @@ def count_finished(study: optuna.Study) -> int:
 def set_target(study: optuna.Study, config: StudyConfig, *, more_trials: int | None) -> int | None:
     """Store the study's target number of finished trials and return it.
 
-    ``more_trials`` (the ``--n-trials`` flag) asks for that many trials on top of those
-    already finished; otherwise the target is the config's ``n_trials`` in total. The target
+    ``more_trials`` (the ``--n-trials`` flag) requests that many trials on top of those
+    already finished. Without it, the target is the config's ``n_trials`` in total. The target
     lives in the study's user attributes so that workers attached later share it.
     """
     if more_trials is not None:

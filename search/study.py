@@ -24,7 +24,7 @@ from search.config import (
 _logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_SECONDS = 10
-"""How often a running trial tells the storage that its worker is alive (default of
+"""Interval at which a running trial records in the storage that its worker is alive (default of
 GENRE_SEARCH_HEARTBEAT_INTERVAL)."""
 
 GRACE_PERIOD_SECONDS = 60

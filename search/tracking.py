@@ -49,7 +49,7 @@ class TrackingError(RuntimeError):
 def call_with_retry(action: Callable[[], _T], *, what: str) -> _T:
     """Run an MLflow call, retrying with exponential backoff on failure.
 
-    MLflow's HTTP client already retries requests; this covers the store errors it gives up
+    MLflow's HTTP client already retries requests. This covers the store errors it gives up
     on, such as a server that restarts for longer than its own retries last.
     """
     for attempt, delay in enumerate((*RETRY_DELAYS_SECONDS, None), start=1):

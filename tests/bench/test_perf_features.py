@@ -82,7 +82,7 @@ def test_launch_training_flags_reach_config(
     def capture(config: StudyConfig, **_: Any) -> None:
         captured["config"] = config
 
-    # Only the study run is replaced, so the test sees the config the command resolved.
+    # Only the study run is replaced, so the test captures the config the command resolved.
     monkeypatch.setattr(cli, "_run_study", capture)
     # A copy keeps the storage that `launch` checks inside tmp_path.
     config = tmp_path / "studies.yaml"

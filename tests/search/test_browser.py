@@ -150,7 +150,7 @@ def test_ui_nests_trials_under_parent(study_store: tuple[StudyConfig, optuna.Stu
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         page.goto(f"{server_url}/#/experiments/{experiment_id}/runs",
                   wait_until="domcontentloaded")
-        # The run-name cell of a parent row holds the button that expands its children.
+        # The run-name cell of a parent row contains the button that expands its children.
         page.locator(f'[row-id="{parent_id}"] button[data-component-id*="runnamecell"]'
                      ).first.click()
         for run_id in child_run_ids(study):

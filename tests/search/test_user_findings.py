@@ -171,7 +171,7 @@ def test_predict_closed_tracking_port_fails_fast(tmp_path: Path) -> None:
 
 
 class _NotFoundHandler(http.server.BaseHTTPRequestHandler):
-    """Answers 404 to every request, like a proxy that routes only part of a server."""
+    """Return 404 for every request, like a proxy that routes only part of a server."""
 
     def do_GET(self) -> None:  # noqa: N802 (the name is fixed by BaseHTTPRequestHandler)
         self.send_response(404)
@@ -186,7 +186,7 @@ def test_tracking_probe_accepts_any_http_answer() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        # A server that answers, even with 404, is reachable: no TrackingError.
+        # A server that responds, even with 404, is reachable: no TrackingError.
         check_tracking_server(f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
@@ -204,7 +204,7 @@ def test_load_audio_missing_file_says_not_found(tmp_path: Path) -> None:
     with pytest.raises(AudioDecodeError) as raised:
         load_audio(path, sample_rate=8000)
 
-    # The message says the file does not exist, not libsndfile's "System error".
+    # The message states that the file does not exist, not libsndfile's "System error".
     assert f"file not found: {str(path)!r}" in str(raised.value)
 
 
@@ -212,7 +212,7 @@ def test_load_audio_folder_says_directory(tmp_path: Path) -> None:
     with pytest.raises(AudioDecodeError) as raised:
         load_audio(tmp_path, sample_rate=8000)
 
-    # The message says the path is a folder.
+    # The message names the path as a folder.
     assert "is a directory" in str(raised.value)
 
 
@@ -227,7 +227,7 @@ def test_launch_timeout_summary_says_timeout(study_folder: Path) -> None:
 
     # Stopping at the timeout is a normal end.
     assert result.exit_code == 0, result.output
-    # The summary line says why fewer trials ran than requested.
+    # The summary line gives the reason fewer trials ran than requested.
     assert "stopped at the timeout of 0.01 s" in result.output
 
 
